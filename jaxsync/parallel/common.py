@@ -1,0 +1,57 @@
+"""What every strategy returns: a state, an init, a jitted step and a few converters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class TrainState(NamedTuple):
+    """Training state. ``opt_state`` may be per device (parameter server, sharded optimizer)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class Strategy(NamedTuple):
+    """A training strategy as plain functions.
+
+    Attributes:
+      name: the ``--strategy`` value.
+      init: ``(rng, sample_x) -> TrainState`` placed on the strategy's devices.
+      step: ``(state, device_batch) -> (state, metrics)``; jitted once, state donated.
+      put_batch: host global batch ``(x, y)`` -> device batch laid out for ``step``.
+      params: state -> one copy of the parameters (for eval, checksums, checkpoints).
+      num_devices: how many devices the step runs on.
+    """
+
+    name: str
+    init: Callable
+    step: Callable
+    put_batch: Callable
+    params: Callable
+    num_devices: int
+
+
+def apply_optimizer(tx, grads, opt_state, params):
+    """One optax step: ``(grads, opt_state, params) -> (params, opt_state)``."""
+    import optax
+
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def init_state(model_init, tx, rng, sample_x) -> TrainState:
+    """Initialise parameters from ``model_init(rng, x)`` and the optimizer state on one device."""
+    params = model_init(rng, sample_x)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def param_checksum(params) -> float:
+    """Sum of |p| over all parameters, in float64 on the host: compares runs from the CLI."""
+    return float(sum(np.abs(np.asarray(p, np.float64)).sum() for p in jax.tree.leaves(params)))

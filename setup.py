@@ -1,0 +1,27 @@
+"""jaxsync: swappable gradient synchronisation for multi-device JAX training."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxsync",
+    version="0.1.0",
+    description="A JAX research codebase comparing synchronisation methods for multi-device training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["jaxsync", "jaxsync.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "numpy>=1.26",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        # Bundled 8x8 handwritten digits (sklearn.datasets.load_digits, no download).
+        "digits": ["scikit-learn>=1.4"],
+        # Plots in benchmarks and agents.
+        "plots": ["matplotlib>=3.8"],
+        "test": ["pytest>=8", "ruff>=0.6", "scikit-learn>=1.4", "matplotlib>=3.8"],
+    },
+)
