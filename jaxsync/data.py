@@ -56,7 +56,7 @@ def teacher(seed: int, n: int = 5120, dim: int = 32, classes: int = 10) -> Datas
     w1 = rng.standard_normal((dim, 64)) / np.sqrt(dim)
     w2 = rng.standard_normal((64, classes)) / 8.0
     y = np.argmax(np.tanh(x @ w1) @ w2, axis=1).astype(np.int32)
-    return _split("teacher", x, y, "classification", classes, 1024, seed)
+    return _split("teacher", x, y, "classification", classes, n // 5, seed)
 
 
 def blobs(seed: int, n: int = 5120, dim: int = 16, classes: int = 10) -> Dataset:
@@ -65,7 +65,7 @@ def blobs(seed: int, n: int = 5120, dim: int = 16, classes: int = 10) -> Dataset
     centres = 2.0 * rng.standard_normal((classes, dim))
     y = rng.integers(0, classes, n).astype(np.int32)
     x = (centres[y] + rng.standard_normal((n, dim))).astype(np.float32)
-    return _split("blobs", x, y, "classification", classes, 1024, seed)
+    return _split("blobs", x, y, "classification", classes, n // 5, seed)
 
 
 def linreg(seed: int, n: int = 5120, dim: int = 32, noise: float = 0.1) -> Dataset:
@@ -74,7 +74,7 @@ def linreg(seed: int, n: int = 5120, dim: int = 32, noise: float = 0.1) -> Datas
     x = rng.standard_normal((n, dim)).astype(np.float32)
     w = rng.standard_normal((dim, 1)) / np.sqrt(dim)
     y = (x @ w + noise * rng.standard_normal((n, 1))).astype(np.float32)
-    return _split("linreg", x, y, "regression", 1, 1024, seed)
+    return _split("linreg", x, y, "regression", 1, n // 5, seed)
 
 
 def digits(seed: int) -> Dataset:
