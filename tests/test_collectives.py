@@ -19,9 +19,16 @@ AXIS = "data"
 SIZES = (1, 2, 3, 4, 8)
 FRONTENDS = ("shard_map", "pmap")
 CHUNK = 6  # reduce-scatter / all-gather: every device holds N * CHUNK elements
-# (name, mean, bucket_bytes): one bucket per dtype, tiny buckets (several leaves each), none.
-ALL_REDUCE_CASES = (("sum_bucketed", False, C.DEFAULT_BUCKET_BYTES), ("mean_small", True, 64))
-ALL_REDUCE_CASES += (("sum_unbucketed", False, None), ("mean_unbucketed", True, 0))
+# (algorithm, name, mean, bucket_bytes): one bucket per dtype, tiny buckets (a few leaves each), or
+# one leaf per bucket. The parameter server shares the bucketing code, so it gets two of them.
+ALL_REDUCE_CASES = (
+    ("ring", "sum_bucketed", False, C.DEFAULT_BUCKET_BYTES),
+    ("ring", "mean_small_buckets", True, 64),
+    ("ring", "sum_unbucketed", False, None),
+    ("ps", "sum_bucketed", False, C.DEFAULT_BUCKET_BYTES),
+    ("ps", "mean_small_buckets", True, 64),
+)
+ALGORITHMS = {"ring": C.ring_all_reduce, "ps": C.ps_all_reduce}
 
 
 def _tree(rng):
@@ -57,12 +64,14 @@ def _per_device(inputs):
             lax.psum_scatter(x, AXIS, scatter_dimension=0, tiled=True) / lax.axis_size(AXIS),
         )
         chunk = x[: x.shape[0] // lax.axis_size(AXIS)]
-        out[f"ag_{dtype}"] = (C.ring_all_gather(chunk, AXIS), lax.all_gather(chunk, AXIS, tiled=True))
+        out[f"ag_{dtype}"] = (
+            C.ring_all_gather(chunk, AXIS),
+            lax.all_gather(chunk, AXIS, tiled=True),
+        )
     tree = inputs["tree"]
-    for name, mean, bucket_bytes in ALL_REDUCE_CASES:
-        ref = lax.pmean(tree, AXIS) if mean else lax.psum(tree, AXIS)
-        out[f"ring_{name}"] = (C.ring_all_reduce(tree, AXIS, mean=mean, bucket_bytes=bucket_bytes), ref)
-        out[f"ps_{name}"] = (C.ps_all_reduce(tree, AXIS, mean=mean, bucket_bytes=bucket_bytes), ref)
+    for algo, name, mean, bucket_bytes in ALL_REDUCE_CASES:
+        ours = ALGORITHMS[algo](tree, AXIS, mean=mean, bucket_bytes=bucket_bytes)
+        out[f"{algo}_{name}"] = (ours, lax.pmean(tree, AXIS) if mean else lax.psum(tree, AXIS))
     server = lax.axis_size(AXIS) - 1
     out["gather"] = (C.gather_to_server(tree, AXIS, server=server), lax.psum(tree, AXIS))
     out["broadcast"] = C.broadcast_from_server(tree, AXIS, server=server)
@@ -119,11 +128,10 @@ def test_ring_reduce_scatter_and_all_gather_match_xla(n, frontend, op, dtype):
 
 @grid
 @sizes
-@pytest.mark.parametrize("case", [c[0] for c in ALL_REDUCE_CASES])
-@pytest.mark.parametrize("algo", ["ring", "ps"])
-def test_all_reduce_matches_psum(n, frontend, case, algo):
+@pytest.mark.parametrize("case", [f"{c[0]}_{c[1]}" for c in ALL_REDUCE_CASES])
+def test_all_reduce_matches_psum(n, frontend, case):
     _, out = _results(n, frontend)
-    ours, ref = out[f"{algo}_{case}"]
+    ours, ref = out[case]
     _assert_tree_close(ours, ref, n)
 
 
@@ -144,13 +152,17 @@ def test_parameter_server_push_and_pull(n):
     inputs, out = _results(n, "shard_map")
     server = n - 1
     total, ref = out["gather"]
-    leaves = zip(jax.tree.leaves(total), jax.tree.leaves(ref), jax.tree.leaves(inputs["tree"]))
-    for got, want, own in leaves:
+    own_leaves = jax.tree.leaves(inputs["tree"])
+    for got, want, own in zip(
+        jax.tree.leaves(total), jax.tree.leaves(ref), own_leaves, strict=True
+    ):
         rtol, atol = _tolerance(got.dtype, n)
-        np.testing.assert_allclose(got[server].astype(float), want[server].astype(float), rtol, atol)
+        np.testing.assert_allclose(
+            got[server].astype(float), want[server].astype(float), rtol, atol
+        )
         # Documented: a worker gets its own tree back.
         np.testing.assert_array_equal(got[:server], own[:server])
-    for got, own in zip(jax.tree.leaves(out["broadcast"]), jax.tree.leaves(inputs["tree"])):
+    for got, own in zip(jax.tree.leaves(out["broadcast"]), own_leaves, strict=True):
         np.testing.assert_array_equal(got, np.broadcast_to(own[server], got.shape))
 
 
@@ -171,8 +183,8 @@ def test_bucketing_cuts_the_number_of_messages(n):
         )
         for bucket in (C.DEFAULT_BUCKET_BYTES, None)
     }
-    rings = 1 if n == 2 else 2  # N >= 3 runs two rings (one per direction) in every step
-    assert count[C.DEFAULT_BUCKET_BYTES] == rings * 2 * (n - 1)
+    # Two rings (one per direction, on half-chunks) each take 2(N - 1) steps.
+    assert count[C.DEFAULT_BUCKET_BYTES] == 2 * 2 * (n - 1)
     assert count[None] == 20 * count[C.DEFAULT_BUCKET_BYTES]
     ps = _count_ppermutes(functools.partial(C.ps_all_reduce, axis_name=AXIS), n, leaves)
     assert ps == 2 * (n - 1)
