@@ -1,0 +1,41 @@
+"""Asynchronous SGD: staleness emulation (jit), a threaded parameter server and a lock service.
+
+- :mod:`.staleness`: seeded staleness schedules (fixed, uniform, round-robin, stragglers, SSP).
+- :mod:`.emulate`: a jitted ``lax.scan`` replaying a schedule with a ring buffer of versions.
+- :mod:`.lock`: the lock service (request → grant by policy → use → release), ``fifo`` | ``none``.
+- :mod:`.server`: the parameter server and worker threads, one device each.
+- :mod:`.train`: ``train_async(AsyncConfig)``, the entry point of ``experiments/async_ps.py``.
+"""
+
+from jaxsync.async_ps.emulate import Emulator, EmuState, make_emulator
+from jaxsync.async_ps.lock import LOCK_POLICIES, LockService, LockTimeout
+from jaxsync.async_ps.server import ParameterServer, ThreadsConfig, UpdateRecord, run_threads
+from jaxsync.async_ps.staleness import (
+    STALENESS_MODELS,
+    Schedule,
+    StalenessConfig,
+    make_schedule,
+    simulate_workers,
+    staleness_histogram,
+    staleness_scale,
+)
+
+__all__ = [
+    "LOCK_POLICIES",
+    "STALENESS_MODELS",
+    "EmuState",
+    "Emulator",
+    "LockService",
+    "LockTimeout",
+    "ParameterServer",
+    "Schedule",
+    "StalenessConfig",
+    "ThreadsConfig",
+    "UpdateRecord",
+    "make_emulator",
+    "make_schedule",
+    "run_threads",
+    "simulate_workers",
+    "staleness_histogram",
+    "staleness_scale",
+]

@@ -1,0 +1,237 @@
+"""The asynchronous-SGD benchmark behind ``experiments/bench_async.py``: runs, table, plot.
+
+Published picture it is compared with:
+- with a fixed learning rate, convergence degrades as staleness τ grows and diverges at large τ;
+  dividing the rate by τ (Zhang et al. 2016, "Staleness-aware Async-SGD") keeps it stable;
+- Stale Synchronous Parallel (Ho et al. 2013, "More Effective Distributed ML via a Stale
+  Synchronous Parallel Parameter Server") sits between BSP (sync) and fully async: fresher
+  gradients than async, less waiting for stragglers than BSP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+
+from jaxsync.async_ps.staleness import StalenessConfig
+from jaxsync.async_ps.train import AsyncConfig, train_async
+from jaxsync.optim import OptimConfig
+
+STALENESS = (0, 1, 4, 16)
+SSP_BOUNDS = (0, 1, 4, -1)  # 0: BSP (Ho et al.: BSP is SSP with s = 0); -1: fully async
+WORKERS, SLOW_PROB, SLOWDOWN = 8, 0.125, 4.0  # transient stragglers: 1 gradient in 8 is 4x slower
+
+
+def _records(run, cfg):
+    """Run ``run(cfg with a temp metrics_file)``; returns (summary, per-log-step records)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.jsonl")
+        summary = run(dataclasses.replace(cfg, metrics_file=path))
+        with open(path) as f:
+            records = [json.loads(x) for x in f][:-1]
+    return summary, records
+
+
+SYNC_KEYS = (
+    "model",
+    "width",
+    "dataset",
+    "optim",
+    "batch_size",
+    "steps",
+    "seed",
+    "log_every",
+    "eval_every",
+    "quiet",
+)
+
+
+def _sync(base: AsyncConfig):
+    from jaxsync.train import TrainConfig, train_and_evaluate
+
+    kw = {k: getattr(base, k) for k in SYNC_KEYS}
+    if "max_nonfinite" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        kw["max_nonfinite"] = 0  # train.py's non-finite guard changes float rounding
+    return _records(train_and_evaluate, TrainConfig(strategy="single", **kw))
+
+
+def run_convergence(steps: int, lr: float, log=print) -> dict:
+    """Every emulated configuration; returns ``{name: (summary, records)}``."""
+    base = AsyncConfig(
+        model="mlp",
+        width=32,
+        dataset="teacher",
+        batch_size=64,
+        steps=steps,
+        log_every=10,
+        eval_every=10,
+        quiet=True,
+        optim=OptimConfig(learning_rate=lr),
+    )
+    runs = {"sync": _sync(base)}
+    for tau in STALENESS:
+        for aware in (False, True):
+            cfg = dataclasses.replace(
+                base, staleness=StalenessConfig(staleness=tau), staleness_aware_lr=aware
+            )
+            runs[f"tau={tau}" + (" eta/tau" if aware else "")] = _records(train_async, cfg)
+    transient = StalenessConfig(
+        model="transient",
+        num_workers=WORKERS,
+        straggler_fraction=SLOW_PROB,
+        straggler_slowdown=SLOWDOWN,
+    )
+    for bound in SSP_BOUNDS:
+        name = {0: "BSP", -1: "async"}.get(bound, f"SSP s={bound}") + f" N={WORKERS}"
+        cfg = dataclasses.replace(base, staleness=dataclasses.replace(transient, ssp_bound=bound))
+        runs[name] = _records(train_async, cfg)
+    for name, (s, _) in runs.items():
+        log(f"  {name}: eval_loss {s['eval_loss']:.4f}")
+    return runs
+
+
+def _loss_at(records, key, x):
+    """Eval loss of the last record with ``record[key] <= x`` (None before the first)."""
+    before = [r for r in records if r[key] <= x]
+    return round(before[-1]["eval_loss"], 4) if before else None
+
+
+def report_rows(runs: dict, chance_loss: float = math.log(10)):
+    """One table row per run; returns ``(rows, target, common_time)``.
+
+    ``target`` is the eval loss sync SGD reaches halfway through. ``common_time`` is the simulated
+    time the fastest worker-model run needs for all its updates; every worker-model run's eval
+    loss at that time compares them at equal wall time. ``diverged``: the final eval loss is
+    non-finite or worse than uniform guessing (ln 10 for the 10-class teacher task).
+    """
+    sync = runs["sync"][1]
+    target = sync[len(sync) // 2 - 1]["eval_loss"]
+    timed = [recs for _, recs in runs.values() if "sim_time" in recs[-1]]
+    common = min(recs[-1]["sim_time"] for recs in timed)
+    rows = []
+    for name, (s, recs) in runs.items():
+        hit = next((r for r in recs if r["eval_loss"] <= target), None)
+        has_time = "sim_time" in recs[-1]
+        loss = s["eval_loss"]
+        rows.append(
+            {
+                "run": name,
+                "staleness mean": round(s.get("staleness_mean", 0.0), 2),
+                "staleness max": s.get("staleness_max", 0),
+                "final eval loss": round(loss, 4),
+                "eval acc": round(s["eval_accuracy"], 4),
+                "updates to target": hit["step"] if hit else None,
+                "sim time to target": hit["sim_time"] if hit and has_time else None,
+                f"eval loss @ t={common:g}": _loss_at(recs, "sim_time", common)
+                if has_time
+                else None,
+                "sim time (all updates)": recs[-1]["sim_time"] if has_time else None,
+                "diverged": not math.isfinite(loss) or loss > chance_loss,
+                "param_checksum": s["param_checksum"],
+            }
+        )
+    return rows, target, common
+
+
+def run_threads(steps: int, lr: float, log=print) -> list:
+    """Real worker threads: 1 worker (sequential baseline) vs 4 workers, locks, a straggler."""
+    base = AsyncConfig(
+        mode="threads",
+        model="mlp",
+        width=32,
+        dataset="teacher",
+        batch_size=64,
+        steps=steps,
+        log_every=steps,
+        quiet=True,
+        optim=OptimConfig(learning_rate=lr),
+        timeout_s=300.0,
+    )
+    cases = {
+        "1 worker": (StalenessConfig(num_workers=1), "fifo"),
+        "4 workers fifo": (StalenessConfig(num_workers=4), "fifo"),
+        "4 workers none": (StalenessConfig(num_workers=4), "none"),
+        "4 workers fifo, 1 straggler 4x": (
+            StalenessConfig(num_workers=4, straggler_fraction=0.25, straggler_slowdown=4.0),
+            "fifo",
+        ),
+        "4 workers fifo, 1 straggler 4x, SSP s=1": (
+            StalenessConfig(
+                num_workers=4, straggler_fraction=0.25, straggler_slowdown=4.0, ssp_bound=1
+            ),
+            "fifo",
+        ),
+    }
+    rows, base_rate = [], None
+    for name, (st, lock) in cases.items():
+        s = train_async(dataclasses.replace(base, staleness=st, lock=lock))
+        rate = s["pushes"] / s["wall_s"]
+        base_rate = base_rate or rate
+        rows.append(
+            {
+                "run": name,
+                "pushes": s["pushes"],
+                "updates": s["steps"],
+                "lost updates": s["lost_updates"],
+                "pushes/s": round(rate, 1),
+                "vs 1 worker": round(rate / base_rate, 2),
+                "staleness mean": round(s["staleness_mean"], 2),
+                "staleness max": s["staleness_max"],
+                "lock wait ms (median)": round(s["lock_wait_ms"], 3),
+                "final eval loss": round(s["eval_loss"], 4),
+            }
+        )
+        log(f"  threads {name}: {rate:.1f} pushes/s")
+    return rows
+
+
+def markdown(rows: list) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += [
+        "| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def plot(runs: dict, path: str) -> None:
+    """Three panels: eval loss vs updates (fixed η; η/τ) and vs simulated time (BSP/SSP/async)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, aware in zip(axes[:2], (False, True), strict=True):
+        ax.plot(*_xy(runs["sync"][1], "step"), "k--", label="sync SGD")
+        for tau in STALENESS:
+            name = f"tau={tau}" + (" eta/tau" if aware else "")
+            ax.plot(*_xy(runs[name][1], "step"), label=name)
+        ax.set(
+            title="fixed learning rate η" if not aware else "staleness-aware η/τ",
+            xlabel="server updates",
+            ylabel="eval loss",
+            yscale="log",
+        )
+        ax.legend()
+    ax = axes[2]
+    for name, (_, recs) in runs.items():
+        if "sim_time" in recs[-1]:
+            ax.plot(*_xy(recs, "sim_time"), "k--" if name.startswith("BSP") else "-", label=name)
+    ax.set(
+        title=f"{WORKERS} workers, 1 gradient in {round(1 / SLOW_PROB)} is {SLOWDOWN:g}x slower",
+        xlabel="simulated time (normal gradient = 1)",
+        ylabel="eval loss",
+        yscale="log",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _xy(records, key):
+    return [r[key] for r in records], [r["eval_loss"] for r in records]

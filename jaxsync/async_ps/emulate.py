@@ -1,0 +1,111 @@
+"""Deterministic emulation of asynchronous SGD with stale gradients, jit-compiled end to end.
+
+Asynchronous SGD (Dean et al. 2012, Downpour; Recht et al. 2011) applies at server version t a
+gradient computed on an older version t − τ:
+
+    w_{t+1} = w_t − η_t · (1/k) Σ_j  s_j · ∇L(w_{t−τ_{t,j}}; batch_{t,j}),
+
+with k pushes per update (``n_push``) and s_j = 1/max(τ_{t,j}, 1) under the staleness-aware
+learning rate (Zhang et al. 2016) or 1 otherwise. The device keeps a ring buffer of the last
+H = max τ + 1 parameter versions (version v lives in slot v mod H); ``lax.scan`` replays a
+:class:`~jaxsync.async_ps.staleness.Schedule`, so a seed fixes every bit of the run. With τ = 0
+and k = 1 the update is exactly single-device synchronous SGD on the same batches (the ring
+buffer then holds one slot, the current parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsync.async_ps.staleness import staleness_scale
+from jaxsync.parallel.common import apply_optimizer
+
+
+class EmuState(NamedTuple):
+    """Server state plus the ring buffer of recent parameter versions (leading axis H)."""
+
+    step: jax.Array  # server version t (int32)
+    params: Any
+    opt_state: Any
+    history: Any
+
+
+class Emulator(NamedTuple):
+    """``init(params) -> EmuState`` and jitted ``run(state, batches, taus) -> (state, metrics)``.
+
+    ``batches`` is a pytree of arrays with leading axes ``(T, k)``, ``taus`` int32 ``(T, k)``;
+    ``metrics`` holds one value per update (mean over its k pushes) of the workers' loss, their
+    other loss metrics and the mean staleness.
+    """
+
+    init: Callable
+    run: Callable
+    history_size: int
+
+
+def _ring_write(history, params, slot):
+    return jax.tree.map(lambda h, p: h.at[slot].set(p), history, params)
+
+
+def _scaled_mean(grads, scale):
+    """(1/k) Σ_j scale_j · g_j over the leading push axis (scale None: plain mean)."""
+
+    def reduce(g):
+        if scale is not None:
+            g = g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+        return jnp.mean(g, axis=0)
+
+    return jax.tree.map(reduce, grads)
+
+
+def make_emulator(
+    loss_fn, tx, history_size: int, n_push: int = 1, staleness_aware: bool = False
+) -> Emulator:
+    """Build the emulated asynchronous parameter server.
+
+    Args:
+      loss_fn: ``(params, (x, y)) -> (loss, metrics)`` on one worker's batch.
+      tx: the server's optax optimizer.
+      history_size: H = max staleness + 1 (ring-buffer slots).
+      n_push: k gradients averaged into each server update (Downpour's n_push).
+      staleness_aware: divide each gradient's learning rate by max(τ, 1) (Zhang et al. 2016).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def init(params) -> EmuState:
+        history = jax.tree.map(lambda p: jnp.broadcast_to(p, (history_size,) + p.shape), params)
+        return EmuState(jnp.zeros((), jnp.int32), params, tx.init(params), history)
+
+    def update(state: EmuState, xs):
+        batch, taus = xs
+        slots = (state.step - taus) % history_size
+        if n_push == 1:
+            # No vmap for one push, so τ = 0 runs exactly the ops of single-device SGD.
+            stale = jax.tree.map(lambda h: h[slots[0]], state.history)
+            one = jax.tree.map(lambda b: b[0], batch)
+            (loss, aux), grads = grad_fn(stale, one)
+            scale = staleness_scale(taus, staleness_aware)
+            if scale is not None:
+                grads = jax.tree.map(lambda g: g * scale[0].astype(g.dtype), grads)
+        else:
+            stale = jax.tree.map(lambda h: h[slots], state.history)
+            (losses, auxs), grads = jax.vmap(grad_fn)(stale, batch)
+            grads = _scaled_mean(grads, staleness_scale(taus, staleness_aware))
+            loss, aux = jnp.mean(losses), jax.tree.map(jnp.mean, auxs)
+        params, opt_state = apply_optimizer(tx, grads, state.opt_state, state.params)
+        step = state.step + 1
+        history = _ring_write(state.history, params, step % history_size)
+        metrics = {"loss": loss, **aux, "staleness": jnp.mean(taus.astype(jnp.float32))}
+        return EmuState(step, params, opt_state, history), metrics
+
+    def run(state: EmuState, batches, taus):
+        return lax.scan(update, state, (batches, taus))
+
+    return Emulator(
+        init=jax.jit(init), run=jax.jit(run, donate_argnums=0), history_size=history_size
+    )

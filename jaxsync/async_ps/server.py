@@ -1,0 +1,280 @@
+"""Real concurrent asynchronous SGD: worker threads around a parameter server behind a lock service.
+
+Each of N worker threads owns a device and its own jitted gradient function. A worker loops:
+claim the next global batch, pull (parameters, version) from the server, compute the gradient on
+its device, push it. The server applies each gradient as it arrives (Downpour SGD, Dean et al.
+2012; parameter server, Li et al. 2014), inside a lock-service grant (:mod:`.lock`): ``fifo``
+serialises updates in ticket order, ``none`` lets them race as in Hogwild! (Recht et al. 2011).
+For every push the server records the worker, the measured staleness τ = (server version at
+apply) − (version the worker pulled), the lock wait and the worker's loss.
+
+Failure handling: a worker that raises is recorded (id and reason) and the others carry on; every
+blocking wait (lock grant, thread join) has a timeout, so a hung worker is reported, not waited for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsync.async_ps.lock import LockService
+from jaxsync.parallel.common import apply_optimizer
+
+
+class UpdateRecord(NamedTuple):
+    """One push as the server saw it. ``version`` is the server version the push was applied to."""
+
+    worker: int
+    batch_index: int
+    pulled: int
+    version: int
+    staleness: int
+    lock_wait_s: float
+    loss: float
+    time_s: float  # since the run started
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadsConfig:
+    """Settings of a threaded run. ``total_pushes`` gradients are pushed in all (shared counter)."""
+
+    num_workers: int = 4
+    total_pushes: int = 100
+    lock: str = "fifo"
+    n_push: int = 1
+    staleness_aware: bool = False
+    slowdown: tuple[float, ...] = ()  # per worker; missing entries are 1 (not slowed)
+    timeout_s: float = 60.0  # bound on every wait, and on the whole run
+    ssp_bound: int = -1  # Stale Synchronous Parallel bound in clocks; -1: fully asynchronous
+    fail_worker: int = -1  # inject a RuntimeError in this worker (tests, demos); -1: none
+    fail_after: int = 0  # ... after it has pushed this many gradients
+
+
+class ThreadsResult(NamedTuple):
+    params: Any
+    version: int
+    log: list[UpdateRecord]
+    failures: dict[int, str]
+    wall_s: float
+
+
+def _server_update(tx, staleness_aware, grads_list, scales, opt_state, params):
+    """(1/k) Σ_j s_j g_j, then the optimizer; s_j = 1/max(τ_j, 1) under η/τ (Zhang et al. 2016)."""
+    if staleness_aware:
+        grads_list = [
+            jax.tree.map(lambda g, s=s: g * s.astype(g.dtype), gs)
+            for gs, s in zip(grads_list, scales, strict=True)
+        ]
+    if len(grads_list) == 1:
+        grads = grads_list[0]
+    else:
+        grads = jax.tree.map(lambda *g: sum(g) / len(g), *grads_list)
+    return apply_optimizer(tx, grads, opt_state, params)
+
+
+class ParameterServer:
+    """Holds the parameters and optimizer state on one device; applies pushes, serves pulls.
+
+    ``pull`` reads an immutable ``(params, version)`` snapshot, so it never blocks. ``push`` runs
+    the optimizer inside a lock grant; under ``none`` two pushes can read the same snapshot and the
+    later write wins, which shows up as fewer versions than applied updates (lost updates).
+    """
+
+    def __init__(self, params, tx, device, lock: LockService, n_push=1, staleness_aware=False):
+        self.device = device
+        self.lock = lock
+        self.n_push = n_push
+        self.staleness_aware = staleness_aware
+        params = jax.device_put(params, device)
+        self._snapshot = (params, 0)
+        self._opt_state = jax.device_put(tx.init(params), device)
+        self._pending: list = []
+        self._update = jax.jit(functools.partial(_server_update, tx, staleness_aware))
+        self._t0 = time.perf_counter()
+        self.log: list[UpdateRecord] = []
+
+    def warm_up(self, grads) -> None:
+        """Compile the update once, discarding the result (keeps compile time out of the log)."""
+        params, _ = self._snapshot
+        grads = [jax.device_put(grads, self.device)] * self.n_push
+        scales = jnp.ones((self.n_push,), jnp.float32)
+        jax.block_until_ready(self._update(grads, scales, self._opt_state, params))
+        self._t0 = time.perf_counter()
+
+    def pull(self):
+        """``(params, version)``: the newest parameters, as one consistent snapshot."""
+        return self._snapshot
+
+    def push(
+        self,
+        worker: int,
+        grads,
+        pulled: int,
+        loss: float,
+        batch_index: int,
+        timeout_s: float | None = None,
+    ) -> UpdateRecord:
+        """Apply (or accumulate, with ``n_push > 1``) a gradient computed on version ``pulled``."""
+        grads = jax.device_put(grads, self.device)
+        with self.lock.hold(worker, timeout_s) as wait_s:
+            params, version = self._snapshot
+            tau = version - pulled
+            self._pending.append((grads, 1.0 / max(tau, 1) if self.staleness_aware else 1.0))
+            if len(self._pending) == self.n_push:
+                pending, self._pending = self._pending, []
+                new_params, self._opt_state = self._update(
+                    [g for g, _ in pending],
+                    jnp.asarray([s for _, s in pending], jnp.float32),
+                    self._opt_state,
+                    params,
+                )
+                self._snapshot = (jax.block_until_ready(new_params), version + 1)
+            record = UpdateRecord(
+                worker,
+                batch_index,
+                pulled,
+                version,
+                tau,
+                wait_s,
+                loss,
+                time.perf_counter() - self._t0,
+            )
+            self.log.append(record)
+        return record
+
+
+class SSPClock:
+    """Stale Synchronous Parallel barrier (Ho et al. 2013): per-worker clocks (pushes done).
+
+    ``wait(w)`` blocks while worker w is more than ``bound`` clocks ahead of the slowest live
+    worker; a worker that finishes or fails is retired, so it never holds the others back.
+    """
+
+    def __init__(self, num_workers: int, bound: int):
+        self.bound = bound
+        self._clocks = [0] * num_workers
+        self._live = set(range(num_workers))
+        self._cond = threading.Condition()
+
+    def _ahead(self, w: int) -> int:
+        return self._clocks[w] - min(self._clocks[v] for v in self._live | {w})
+
+    def wait(self, w: int, timeout_s: float) -> None:
+        if self.bound < 0:
+            return
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._ahead(w) <= self.bound, timeout_s):
+                raise TimeoutError(
+                    f"SSP: worker {w} still {self._ahead(w)} clocks ahead of the "
+                    f"slowest after {timeout_s:.1f}s"
+                )
+
+    def tick(self, w: int) -> None:
+        with self._cond:
+            self._clocks[w] += 1
+            self._cond.notify_all()
+
+    def retire(self, w: int) -> None:
+        with self._cond:
+            self._live.discard(w)
+            self._cond.notify_all()
+
+
+class _BatchCounter:
+    """Hands out global batch indices 0, 1, … ``total - 1`` to whichever worker asks first."""
+
+    def __init__(self, total: int):
+        self._next, self._total, self._lock = 0, total, threading.Lock()
+
+    def claim(self) -> int | None:
+        with self._lock:
+            if self._next >= self._total:
+                return None
+            self._next += 1
+            return self._next - 1
+
+
+def _worker_loop(wid, cfg: ThreadsConfig, server, grad_fn, device, get_batch, counter, stop, ssp):
+    slowdown = cfg.slowdown[wid] if wid < len(cfg.slowdown) else 1.0
+    pushed = 0
+    while not stop.is_set():
+        ssp.wait(wid, cfg.timeout_s)
+        index = counter.claim()
+        if index is None:
+            return
+        params, version = server.pull()
+        batch = jax.device_put(get_batch(index), device)
+        t0 = time.perf_counter()
+        (loss, _), grads = jax.block_until_ready(grad_fn(jax.device_put(params, device), batch))
+        if slowdown > 1.0:  # a straggler: the same work, ``slowdown`` times slower
+            time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
+        if wid == cfg.fail_worker and pushed >= cfg.fail_after:
+            raise RuntimeError(f"injected failure after {pushed} pushes")
+        server.push(wid, grads, version, float(loss), index, cfg.timeout_s)
+        ssp.tick(wid)
+        pushed += 1
+
+
+def run_threads(
+    cfg: ThreadsConfig, params, tx, loss_fn, get_batch: Callable, devices
+) -> ThreadsResult:
+    """Train with ``cfg.num_workers`` threads on ``devices[i]``; the server lives on ``devices[0]``.
+
+    Args:
+      params: initial parameters.
+      tx: the server's optax optimizer.
+      loss_fn: ``(params, (x, y)) -> (loss, metrics)``.
+      get_batch: ``index -> (x, y)`` host batch; every index below ``total_pushes`` is used once
+        unless the worker that claimed it fails.
+      devices: at least ``num_workers`` devices.
+    Returns:
+      Final parameters and version, the per-push log, ``{worker: reason}`` for failed workers and
+      the wall time.
+    """
+    lock = LockService(cfg.lock, cfg.timeout_s)
+    server = ParameterServer(params, tx, devices[0], lock, cfg.n_push, cfg.staleness_aware)
+    grad_fns = [jax.jit(jax.value_and_grad(loss_fn, has_aux=True)) for _ in range(cfg.num_workers)]
+    sample = get_batch(0)
+    # Compile on every device before the clock starts.
+    for fn, dev in zip(grad_fns, devices, strict=False):
+        _, grads = jax.block_until_ready(
+            fn(jax.device_put(params, dev), jax.device_put(sample, dev))
+        )
+    server.warm_up(jax.tree.map(jnp.zeros_like, grads))
+    counter, stop, failures = _BatchCounter(cfg.total_pushes), threading.Event(), {}
+
+    ssp = SSPClock(cfg.num_workers, cfg.ssp_bound)
+
+    def guarded(wid):
+        try:
+            _worker_loop(
+                wid, cfg, server, grad_fns[wid], devices[wid], get_batch, counter, stop, ssp
+            )
+        except Exception as e:  # noqa: BLE001 — a worker's failure is data, not a crash
+            failures[wid] = f"{type(e).__name__}: {e}"
+        finally:
+            ssp.retire(wid)
+
+    threads = [
+        threading.Thread(target=guarded, args=(w,), name=f"async-worker-{w}", daemon=True)
+        for w in range(cfg.num_workers)
+    ]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    deadline = t0 + cfg.timeout_s
+    for wid, t in enumerate(threads):
+        t.join(max(0.0, deadline - time.perf_counter()))
+        if t.is_alive():
+            stop.set()  # ask every worker to stop after its current push
+            failures.setdefault(wid, f"timed out: still running after {cfg.timeout_s:.1f}s")
+    wall_s = time.perf_counter() - t0
+    params, version = server.pull()
+    return ThreadsResult(params, version, list(server.log), dict(sorted(failures.items())), wall_s)

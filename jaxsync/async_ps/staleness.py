@@ -1,0 +1,185 @@
+"""Staleness schedules for asynchronous SGD: which parameter version each pushed gradient saw.
+
+A schedule is a host-side, seeded, deterministic plan for ``T`` server updates of ``k`` pushes each
+(Downpour's ``n_push``, Dean et al. 2012): ``taus[t, j]`` is the staleness of push ``j`` of update
+``t`` — the server version at apply time minus the version the worker pulled — and
+``workers[t, j]`` the worker that pushed it. The jitted emulator (:mod:`jaxsync.async_ps.emulate`)
+replays the plan, so a run is bitwise reproducible for a seed.
+
+Models (``STALENESS_MODELS``):
+- ``fixed``: τ = s for every push (clipped to the version number at start-up).
+- ``uniform``: τ ~ U{0, …, s}, seeded.
+- ``round_robin``: N equal-speed workers; each worker pulls right after its push, so N − 1 other
+  pushes land before its next one: τ = N − 1 in steady state (k = 1), as in real async SGD.
+- ``stragglers``: as ``round_robin`` but a fraction of the workers is ``slowdown`` × slower, so
+  their gradients are staler (and the fast workers' less stale).
+- ``transient``: every gradient, on any worker, is ``slowdown`` × slower with probability
+  ``straggler_fraction`` (seeded): the random delays that SSP is designed to absorb.
+
+The two worker models come from a discrete-event simulation that also yields the simulated time
+of every push (one gradient of a normal worker = 1 time unit), and optionally enforces the Stale
+Synchronous Parallel bound (Ho et al. 2013): a worker whose clock (pushes done) is more than
+``ssp_bound`` ahead of the slowest live worker blocks until the slowest catches up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsync import ConfigError
+
+STALENESS_MODELS = ("fixed", "uniform", "round_robin", "stragglers", "transient")
+WORKER_MODELS = ("round_robin", "stragglers", "transient")  # simulated workers: SSP applies
+
+
+@dataclasses.dataclass(frozen=True)
+class StalenessConfig:
+    """How stale the emulated gradients are.
+
+    ``staleness`` is τ for ``fixed`` and the upper bound s for ``uniform``; the worker models derive
+    staleness from ``num_workers``, the straggler settings and ``ssp_bound`` (-1: unbounded).
+    """
+
+    model: str = "fixed"
+    staleness: int = 0
+    num_workers: int = 1
+    n_push: int = 1
+    straggler_fraction: float = 0.0
+    straggler_slowdown: float = 1.0
+    ssp_bound: int = -1
+    seed: int = 0
+
+
+class Schedule(NamedTuple):
+    """A replayable plan. Arrays have shape ``(T, k)``; ``times`` is None for fixed / uniform."""
+
+    taus: np.ndarray  # int32, staleness in server versions
+    workers: np.ndarray  # int32, pushing worker
+    times: np.ndarray | None  # float64, simulated time of each push (normal gradient = 1)
+
+
+def validate_staleness(c: StalenessConfig) -> None:
+    """Raise ConfigError naming the first bad field."""
+    if c.model not in STALENESS_MODELS:
+        raise ConfigError(
+            f"unknown staleness model {c.model!r}; choose from {list(STALENESS_MODELS)}"
+        )
+    if c.staleness < 0:
+        raise ConfigError(f"--staleness must be >= 0, got {c.staleness}")
+    if c.num_workers < 1:
+        raise ConfigError(f"--num_workers must be >= 1, got {c.num_workers}")
+    if c.n_push < 1:
+        raise ConfigError(f"--n_push must be >= 1, got {c.n_push}")
+    if not 0.0 <= c.straggler_fraction <= 1.0:
+        raise ConfigError(f"--straggler_fraction must be in [0, 1], got {c.straggler_fraction}")
+    if not c.straggler_slowdown >= 1.0:
+        raise ConfigError(f"--straggler_slowdown must be >= 1, got {c.straggler_slowdown}")
+    if c.ssp_bound < -1:
+        raise ConfigError(f"--ssp_bound must be >= 0, or -1 for unbounded; got {c.ssp_bound}")
+
+
+def straggler_ids(num_workers: int, fraction: float) -> list[int]:
+    """The slow workers: the first ceil(fraction · N) ids (deterministic, easy to read in logs)."""
+    return list(range(math.ceil(fraction * num_workers - 1e-9)))
+
+
+def worker_speeds(c: StalenessConfig) -> np.ndarray:
+    """Time per gradient of each worker: 1, or ``straggler_slowdown`` for the stragglers."""
+    speeds = np.ones(c.num_workers)
+    if c.model == "stragglers":
+        speeds[straggler_ids(c.num_workers, c.straggler_fraction)] = c.straggler_slowdown
+    return speeds
+
+
+def make_schedule(c: StalenessConfig, num_updates: int) -> Schedule:
+    """The staleness plan for ``num_updates`` server updates of ``c.n_push`` pushes each."""
+    validate_staleness(c)
+    shape = (num_updates, c.n_push)
+    version = np.broadcast_to(np.arange(num_updates)[:, None], shape)
+    if c.model == "fixed":
+        taus = np.minimum(c.staleness, version)
+    elif c.model == "uniform":
+        rng = np.random.default_rng([c.seed, 31])
+        taus = np.minimum(rng.integers(0, c.staleness + 1, shape), version)
+    else:
+        workers, taus, times = simulate_workers(
+            worker_speeds(c), num_updates * c.n_push, c.n_push, c.ssp_bound, _slow_draw(c)
+        )
+        return Schedule(
+            taus.reshape(shape).astype(np.int32),
+            workers.reshape(shape).astype(np.int32),
+            times.reshape(shape),
+        )
+    workers = np.broadcast_to(np.arange(c.n_push)[None, :] % c.num_workers, shape)
+    return Schedule(taus.astype(np.int32), workers.astype(np.int32).copy(), None)
+
+
+def _slow_draw(c: StalenessConfig):
+    """For ``transient``: a seeded ``() -> factor`` giving each gradient's slowdown."""
+    if c.model != "transient":
+        return None
+    rng = np.random.default_rng([c.seed, 47])
+    return lambda: c.straggler_slowdown if rng.random() < c.straggler_fraction else 1.0
+
+
+def simulate_workers(speeds, num_pushes: int, n_push: int = 1, ssp_bound: int = -1, slow=None):
+    """Discrete-event simulation of asynchronous workers around one parameter server.
+
+    Every worker pulls the current version, computes for ``speeds[i]`` time units and pushes; the
+    server's version advances after every ``n_push`` pushes. Ties in arrival time go to the lower
+    worker id, so the result is deterministic. With ``ssp_bound >= 0`` a worker more than
+    ``ssp_bound`` clocks ahead of the slowest waits before pulling (SSP, Ho et al. 2013).
+    ``slow`` (optional) is called once per gradient for a random slowdown factor.
+
+    Returns:
+      ``(workers, taus, times)``: per push, the pushing worker, its staleness (server version at
+      apply − version pulled) and its arrival time.
+    """
+    n = len(speeds)
+    clocks = np.zeros(n, np.int64)
+    slow = slow or (lambda: 1.0)
+    events = [(float(speeds[i]) * slow(), i, 0) for i in range(n)]  # (arrival, worker, pulled)
+    heapq.heapify(events)
+    blocked: list[int] = []
+    out_w, out_tau, out_t = [], [], []
+    for push in range(num_pushes):
+        t, i, pulled = heapq.heappop(events)
+        version = push // n_push
+        out_w.append(i)
+        out_tau.append(version - pulled)
+        out_t.append(t)
+        clocks[i] += 1
+        new_version = (push + 1) // n_push
+        blocked.append(i)
+        still = []
+        for j in sorted(blocked):  # release every worker the SSP bound now allows to run
+            if ssp_bound < 0 or clocks[j] - clocks.min() <= ssp_bound:
+                heapq.heappush(events, (t + float(speeds[j]) * slow(), j, new_version))
+            else:
+                still.append(j)
+        blocked = still
+    return np.asarray(out_w), np.asarray(out_tau), np.asarray(out_t, np.float64)
+
+
+def staleness_histogram(taus) -> dict[int, int]:
+    """``{τ: count}`` over all pushes, in increasing τ."""
+    values, counts = np.unique(np.asarray(taus).ravel(), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+
+def staleness_scale(taus, enabled: bool):
+    """Per-gradient factor 1 / max(τ, 1) of the staleness-aware learning rate η/τ.
+
+    Zhang et al. 2016, "Staleness-aware Async-SGD for Distributed Deep Learning" (IJCAI): each
+    gradient's learning rate is divided by its staleness; τ = 0 (a fresh gradient) keeps η.
+    Returns None when disabled so callers skip the multiply and τ = 0 stays bit-identical to sync.
+    """
+    if not enabled:
+        return None
+    return 1.0 / jnp.maximum(jnp.asarray(taus, jnp.float32), 1.0)

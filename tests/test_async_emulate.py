@@ -1,0 +1,212 @@
+"""Staleness emulation: τ = 0 is sync SGD, stale replays match a reference loop, bitwise seeds,
+schedule statistics match their models, and bad configs fail with one clear error."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxsync import ConfigError, data, losses, models, optim
+from jaxsync.async_ps.emulate import make_emulator
+from jaxsync.async_ps.staleness import StalenessConfig, make_schedule, simulate_workers
+from jaxsync.async_ps.train import AsyncConfig, train_async
+from jaxsync.parallel.common import param_checksum
+from jaxsync.parallel.data_parallel import make_single
+
+B, T = 16, 12
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ds = data.load_dataset("blobs", 0)
+    model = models.make_model("mlp", ds.num_outputs, 8)
+    loss_fn = losses.make_loss_fn(model.apply, ds.task)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
+    return ds, loss_fn, params
+
+
+def _batches(ds, updates, k):
+    xs, ys = zip(*(ds.batch(p, B, 0) for p in range(updates * k)), strict=True)
+    return np.stack(xs).reshape((updates, k) + xs[0].shape), np.stack(ys).reshape((updates, k, B))
+
+
+def _reference(loss_fn, tx, params, batches, taus, aware):
+    """Plain Python async SGD: keep every version, apply mean_j s_j ∇L(w_{t−τ_tj})."""
+    versions, opt_state = [params], tx.init(params)
+    grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))
+    for t in range(taus.shape[0]):
+        gs = []
+        for j in range(taus.shape[1]):
+            g = grad(versions[t - taus[t, j]], (batches[0][t, j], batches[1][t, j]))
+            s = 1.0 / max(taus[t, j], 1) if aware else 1.0
+            gs.append(jax.tree.map(lambda x, s=s: x * s, g))
+        g = jax.tree.map(lambda *x: sum(x) / len(x), *gs)
+        updates, opt_state = tx.update(g, opt_state, versions[-1])
+        versions.append(optax.apply_updates(versions[-1], updates))
+    return versions[-1]
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum"])
+def test_tau_zero_is_bitwise_sync_sgd(setup, name):
+    ds, loss_fn, params = setup
+    tx = optim.make_optimizer(optim.OptimConfig(optimizer=name, learning_rate=0.05))
+    single = make_single(loss_fn, tx, lambda r, x: params)
+    state = single.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))
+    for t in range(T):
+        state, _ = single.step(state, single.put_batch(ds.batch(t, B, 0)))
+    taus = make_schedule(StalenessConfig(staleness=0), T).taus
+    emu = make_emulator(loss_fn, tx, 1)
+    out, _ = emu.run(emu.init(params), _batches(ds, T, 1), taus)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "cfg, aware",
+    [
+        (StalenessConfig(model="fixed", staleness=3), False),
+        (StalenessConfig(model="uniform", staleness=3, seed=1), True),
+        (StalenessConfig(model="round_robin", num_workers=4, n_push=2), True),
+    ],
+)
+def test_stale_replay_matches_reference(setup, cfg, aware):
+    ds, loss_fn, params = setup
+    tx = optax.sgd(0.1, momentum=0.9)
+    sched = make_schedule(cfg, T)
+    batches = _batches(ds, T, cfg.n_push)
+    emu = make_emulator(loss_fn, tx, int(sched.taus.max()) + 1, cfg.n_push, aware)
+    out, metrics = emu.run(emu.init(params), batches, sched.taus)
+    ref = _reference(loss_fn, tx, params, batches, sched.taus, aware)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["staleness"], sched.taus.mean(axis=1))
+
+
+def test_emulation_is_bitwise_reproducible(setup):
+    ds, loss_fn, params = setup
+    tx = optax.sgd(0.1)
+    cfg = StalenessConfig(model="uniform", staleness=4, seed=7)
+    runs = []
+    for _ in range(2):
+        sched = make_schedule(cfg, T)
+        emu = make_emulator(loss_fn, tx, int(sched.taus.max()) + 1)
+        runs.append(emu.run(emu.init(params), _batches(ds, T, 1), sched.taus)[0].params)
+    for a, b in zip(*map(jax.tree.leaves, runs), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = make_schedule(dataclasses.replace(cfg, seed=8), T).taus
+    assert not np.array_equal(other, make_schedule(cfg, T).taus)
+
+
+def test_round_robin_staleness_is_n_minus_one():
+    n, updates = 8, 400
+    sched = make_schedule(StalenessConfig(model="round_robin", num_workers=n), updates)
+    np.testing.assert_array_equal(sched.taus[:n, 0], np.arange(n))  # start-up: all pulled v0
+    assert (sched.taus[n:] == n - 1).all()
+    assert sched.taus.mean() == pytest.approx((n * (n - 1) / 2 + (n - 1) * (updates - n)) / updates)
+    np.testing.assert_array_equal(sched.workers[:, 0], np.arange(updates) % n)
+
+
+def test_uniform_and_fixed_statistics():
+    fixed = make_schedule(StalenessConfig(model="fixed", staleness=5), 100).taus
+    assert (fixed[5:] == 5).all() and (fixed[:5, 0] == np.arange(5)).all()
+    uni = make_schedule(StalenessConfig(model="uniform", staleness=6, n_push=2), 2000).taus
+    assert uni.min() == 0 and uni.max() == 6
+    assert uni[10:].mean() == pytest.approx(3.0, abs=0.15)
+
+
+def test_stragglers_are_staler_and_ssp_bounds_them():
+    cfg = StalenessConfig(
+        model="stragglers", num_workers=4, straggler_fraction=0.25, straggler_slowdown=8.0
+    )
+    free = make_schedule(cfg, 400)
+    slow = free.workers == 0
+    assert free.taus[slow].mean() > 3 * free.taus[~slow].mean()
+    assert slow.mean() == pytest.approx(1 / 25, abs=0.01)  # rate 1/8 vs 3 × 1
+    ssp = make_schedule(dataclasses.replace(cfg, ssp_bound=1), 400)
+    assert ssp.taus.max() < free.taus.max()
+    assert ssp.times[-1, -1] > free.times[-1, -1]  # waiting for the straggler costs time
+    # SSP bound 0 with equal speeds is lock-step rounds: every worker's clock within 1.
+    w, _, _ = simulate_workers(np.ones(3), 30, ssp_bound=0)
+    counts = np.array([np.bincount(w[: i + 1], minlength=3) for i in range(30)])
+    assert (counts.max(1) - counts.min(1) <= 1).all()
+
+
+def test_transient_stragglers_ssp_sits_between_bsp_and_async():
+    cfg = StalenessConfig(
+        model="transient", num_workers=8, straggler_fraction=0.125, straggler_slowdown=4.0, seed=3
+    )
+    scheds = [make_schedule(dataclasses.replace(cfg, ssp_bound=b), 400) for b in (0, 1, 4, -1)]
+    means = [s.taus.mean() for s in scheds]
+    times = [s.times[-1, -1] for s in scheds]
+    assert means == sorted(means) and times == sorted(times, reverse=True)
+    assert scheds[0].taus.max() <= 2 * 8 - 1  # BSP: at most one round behind plus the round
+    again = make_schedule(dataclasses.replace(cfg, ssp_bound=1), 400)
+    np.testing.assert_array_equal(again.times, scheds[1].times)
+
+
+def test_experiment_tau_zero_summary_equals_single_sgd(setup, tmp_path):
+    ds, loss_fn, params = setup
+    steps = 6
+    path = tmp_path / "async.jsonl"
+    summary = train_async(
+        AsyncConfig(
+            model="mlp",
+            width=8,
+            dataset="blobs",
+            batch_size=B,
+            steps=steps,
+            log_every=3,
+            eval_every=3,
+            quiet=True,
+            optim=optim.OptimConfig(learning_rate=0.05),
+            metrics_file=str(path),
+        )
+    )
+    tx = optim.make_optimizer(optim.OptimConfig(learning_rate=0.05, total_steps=steps))
+    single = make_single(loss_fn, tx, lambda r, x: params)  # same init: key(seed=0)
+    state = single.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))
+    for t in range(steps):
+        state, metrics = single.step(state, single.put_batch(ds.batch(t, B, 0)))
+    assert summary["param_checksum"] == param_checksum(state.params)
+    assert summary["final_loss"] == float(metrics["loss"])
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x.get("step") for x in lines[:-1]] == [3, 6]
+    assert lines[-1] == json.loads(json.dumps(summary))
+    for key in ("final_loss", "eval_accuracy", "steps", "step_time_ms", "param_checksum"):
+        assert key in summary
+    assert summary["staleness_histogram"] == {"0": steps}
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (AsyncConfig(staleness=StalenessConfig(staleness=-1)), "--staleness must be >= 0"),
+        (AsyncConfig(staleness=StalenessConfig(num_workers=0)), "--num_workers must be >= 1"),
+        (
+            AsyncConfig(mode="threads", staleness=StalenessConfig(num_workers=99)),
+            "exceeds the 8 available devices",
+        ),
+        (AsyncConfig(staleness=StalenessConfig(model="zipf")), "unknown staleness model"),
+        (AsyncConfig(lock="spin"), "unknown lock policy"),
+        (AsyncConfig(staleness=StalenessConfig(ssp_bound=2)), "--ssp_bound needs"),
+    ],
+)
+def test_bad_config_is_one_clear_error(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        train_async(cfg)
+
+
+def test_cli_bad_input_prints_one_line(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "async_ps.py")
+    out = subprocess.run(
+        [sys.executable, script, "--staleness=-2"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --staleness must be >= 0, got -2"

@@ -1,0 +1,158 @@
+"""Threaded parameter server and lock service: FIFO grants in ticket order, no lost updates with a
+lock, failed or hung workers reported while the run completes. Every wait here is bounded."""
+
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxsync.async_ps.lock import LockService, LockTimeout
+from jaxsync.async_ps.server import ThreadsConfig, run_threads
+
+LR = 0.125  # a power of two: the constant-gradient sums below are exact in float32
+
+
+def _constant_grad_loss(params, batch):
+    """Gradient 1 everywhere, whatever the batch: the final parameters count the updates."""
+    x, _ = batch
+    return jnp.sum(params["w"]) + 0.0 * jnp.sum(x), {}
+
+
+def _get_batch(i):
+    return np.full((2, 3), i, np.float32), np.zeros((2,), np.int32)
+
+
+def _params():
+    return {"w": jnp.zeros((4,), jnp.float32)}
+
+
+def test_fifo_grants_follow_ticket_order():
+    lock = LockService("fifo", timeout_s=5.0)
+    first = lock.request(client=-1)
+    lock.wait_grant(first)
+    tickets = [lock.request(client=i) for i in range(6)]
+    threads = [
+        threading.Thread(target=lambda t=t: (lock.wait_grant(t), lock.release(t)))
+        for t in reversed(tickets)
+    ]  # wait in the reverse of request order
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    lock.release(first)
+    for t in threads:
+        t.join(5.0)
+    assert [n for n, _ in lock.grants] == list(range(7))
+    assert [c for _, c in lock.grants] == [-1, 0, 1, 2, 3, 4, 5]
+
+
+def test_fifo_excludes_and_abandoned_tickets_do_not_block():
+    lock = LockService("fifo", timeout_s=5.0)
+    holder = lock.request(0)
+    lock.wait_grant(holder)
+    late = lock.request(1)
+    with pytest.raises(LockTimeout):
+        lock.wait_grant(late, timeout_s=0.05)
+    after = lock.request(2)
+    lock.release(holder)
+    assert lock.wait_grant(after, timeout_s=1.0) >= 0.0  # the dead ticket 1 was skipped
+    lock.release(after)
+    counter = [0]
+
+    def bump():
+        for _ in range(50):
+            with lock.hold(0):
+                v = counter[0]
+                time.sleep(0)  # invite a switch inside the critical section
+                counter[0] = v + 1
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10.0)
+    assert counter[0] == 200
+
+
+def test_no_lost_updates_with_fifo_lock():
+    pushes = 240
+    cfg = ThreadsConfig(num_workers=8, total_pushes=pushes, lock="fifo", timeout_s=30.0)
+    res = run_threads(cfg, _params(), optax.sgd(LR), _constant_grad_loss, _get_batch, jax.devices())
+    assert res.failures == {}
+    assert res.version == len(res.log) == pushes
+    assert sorted(r.batch_index for r in res.log) == list(range(pushes))
+    assert [r.version for r in res.log] == list(range(pushes))
+    assert all(r.staleness >= 0 and r.lock_wait_s >= 0 for r in res.log)
+    np.testing.assert_array_equal(np.asarray(res.params["w"]), -LR * pushes)
+
+
+def test_n_push_and_staleness_aware_lr():
+    cfg = ThreadsConfig(
+        num_workers=2, total_pushes=40, n_push=4, staleness_aware=True, timeout_s=30.0
+    )
+    res = run_threads(cfg, _params(), optax.sgd(LR), _constant_grad_loss, _get_batch, jax.devices())
+    assert res.version == 10 and len(res.log) == 40
+    expect = -LR * sum(1.0 / max(r.staleness, 1) for r in res.log) / 4
+    np.testing.assert_allclose(np.asarray(res.params["w"]), expect, rtol=1e-6)
+
+
+def test_lock_free_run_completes_and_counts_pushes():
+    cfg = ThreadsConfig(num_workers=4, total_pushes=80, lock="none", timeout_s=30.0)
+    res = run_threads(cfg, _params(), optax.sgd(LR), _constant_grad_loss, _get_batch, jax.devices())
+    assert res.failures == {} and len(res.log) == 80
+    assert 1 <= res.version <= 80  # overwritten (lost) updates are allowed without a lock
+    assert np.asarray(res.params["w"])[0] == -LR * res.version
+
+
+def test_failed_worker_is_reported_and_run_completes():
+    cfg = ThreadsConfig(
+        num_workers=4,
+        total_pushes=60,
+        fail_worker=2,
+        fail_after=3,
+        timeout_s=30.0,
+        slowdown=(1.0, 1.0, 1.0, 2.0),
+    )
+    res = run_threads(cfg, _params(), optax.sgd(LR), _constant_grad_loss, _get_batch, jax.devices())
+    assert res.failures == {2: "RuntimeError: injected failure after 3 pushes"}
+    assert sum(r.worker == 2 for r in res.log) == 3
+    assert res.version == len(res.log) == 59  # the batch the failed worker held is lost
+    np.testing.assert_array_equal(np.asarray(res.params["w"]), -LR * 59)
+
+
+def test_hung_worker_times_out_and_is_reported():
+    release = threading.Event()
+
+    def get_batch(i):
+        if i == 5:
+            release.wait(10.0)  # this worker hangs past the run's timeout
+        return _get_batch(i)
+
+    cfg = ThreadsConfig(num_workers=3, total_pushes=30, timeout_s=1.5)
+    res = run_threads(cfg, _params(), optax.sgd(LR), _constant_grad_loss, get_batch, jax.devices())
+    release.set()
+    assert len(res.failures) == 1
+    (why,) = res.failures.values()
+    assert why.startswith("timed out")
+    assert res.version == len(res.log) == 29
+
+
+def test_ssp_bound_keeps_workers_within_s_clocks():
+    bound, n = 1, 4
+    cfg = ThreadsConfig(
+        num_workers=n,
+        total_pushes=48,
+        ssp_bound=bound,
+        timeout_s=30.0,
+        slowdown=(4.0, 1.0, 1.0, 1.0),
+    )
+    res = run_threads(cfg, _params(), optax.sgd(LR), _constant_grad_loss, _get_batch, jax.devices())
+    assert res.failures == {} and res.version == 48
+    counts = np.zeros(n, int)
+    for r in res.log[:-n]:  # the tail may run after other workers retired
+        counts[r.worker] += 1
+        assert counts[r.worker] - counts.min() <= bound + 1
+    assert (counts > 0).all()
