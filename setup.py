@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="jaxsync",
     version="0.1.0",
-    description="A JAX research codebase comparing synchronisation methods for multi-device training",
+    description="Swappable gradient synchronisation for multi-device JAX training",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["jaxsync", "jaxsync.*"]),
@@ -16,12 +16,17 @@ setup(
         "optax>=0.2.5",
         "numpy>=1.26",
         "absl-py>=2.1",
+        # Checkpoints (jaxsync.checkpoint); flax depends on it too, named here because we import it.
+        "orbax-checkpoint>=0.11",
     ],
     extras_require={
         # Bundled 8x8 handwritten digits (sklearn.datasets.load_digits, no download).
         "digits": ["scikit-learn>=1.4"],
         # Plots in benchmarks and agents.
         "plots": ["matplotlib>=3.8"],
-        "test": ["pytest>=8", "ruff>=0.6", "scikit-learn>=1.4", "matplotlib>=3.8"],
+        # --tensorboard: event files without TensorFlow (flax.metrics.tensorboard imports TF).
+        "tensorboard": ["tensorboardX>=2.6"],
+        "test": ["pytest>=8", "ruff>=0.6", "scikit-learn>=1.4", "matplotlib>=3.8",
+                 "tensorboardX>=2.6"],
     },
 )

@@ -9,4 +9,4 @@ __version__ = "0.1.0"
 
 
 class ConfigError(ValueError):
-    """Bad user input (flags, shapes, sizes). Experiments print its message on one line and exit 2."""
+    """Bad user input (flags, shapes, sizes): experiments print it on one line and exit 2."""

@@ -55,6 +55,41 @@ def define_logging_flags() -> None:
                         "then a summary object).")
 
 
+def define_checkpoint_flags() -> None:
+    """Run folder, checkpoints, resume, non-finite guard and TensorBoard (jaxsync.checkpoint)."""
+    flags.DEFINE_string("workdir", None, "Run folder: checkpoints/, metrics.jsonl, tensorboard/. "
+                        "A workdir that holds a checkpoint is resumed from the latest one.")
+    flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every this many steps, and "
+                         "at the end (>= 0; 0: only at the end). Needs --workdir.")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Keep the last this many checkpoints (>= 1); "
+                         "older ones are deleted, nothing else in --workdir ever is.")
+    flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --workdir; "
+                      "--noresume refuses to run in a workdir that holds checkpoints.")
+    flags.DEFINE_integer("max_nonfinite", 10, "Skip steps whose gradients hold NaN/Inf and stop "
+                         "after this many in a row (>= 0; 0 disables the guard).")
+    flags.DEFINE_bool("tensorboard", False, "Also write TensorBoard event files to "
+                      "--workdir/tensorboard (needs tensorboardX).")
+    flags.DEFINE_list("nan_at_steps", [], "Fault injection for tests: comma-separated 1-based "
+                      "steps whose global batch gets a NaN input.")
+
+
+def checkpoint_kwargs_from_flags() -> dict:
+    """The fields of ``define_checkpoint_flags`` as config keyword arguments."""
+    try:
+        nan_at_steps = tuple(int(s) for s in FLAGS.nan_at_steps)
+    except ValueError:
+        raise ConfigError(f"--nan_at_steps must be integers, got {FLAGS.nan_at_steps}") from None
+    return dict(
+        workdir=FLAGS.workdir,
+        checkpoint_every=FLAGS.checkpoint_every,
+        keep_checkpoints=FLAGS.keep_checkpoints,
+        resume=FLAGS.resume,
+        max_nonfinite=FLAGS.max_nonfinite,
+        tensorboard=FLAGS.tensorboard,
+        nan_at_steps=nan_at_steps,
+    )
+
+
 def optim_config_from_flags() -> OptimConfig:
     return OptimConfig(
         optimizer=FLAGS.optimizer,
@@ -68,11 +103,44 @@ def optim_config_from_flags() -> OptimConfig:
     )
 
 
+def define_distributed_flags() -> None:
+    """Flags of a multi-process run (see docs/multihost.md); ``init_runtime`` applies them."""
+    flags.DEFINE_string("distributed", "auto", "Join a multi-process job: auto (when the flags "
+                        "below are set or SLURM / Open MPI / Cloud TPU is detected) | on | off.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator; "
+                        "every process must reach it, and the port must be open on that host.")
+    flags.DEFINE_integer("num_processes", None, "Processes in the job (>= 1); with "
+                         "--cpu_devices=M each, the job has num_processes x M devices.")
+    flags.DEFINE_integer("process_id", None, "This process's rank, in [0, --num_processes).")
+    flags.DEFINE_integer("init_timeout", 300, "Seconds to wait for the coordinator and all "
+                         "processes to connect (>= 1).")
+    flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds without a heartbeat after which a "
+                         "process counts as dead and the whole job stops (>= 1).")
+
+
+def distributed_config_from_flags():
+    from jaxsync.distributed import DistributedConfig
+
+    return DistributedConfig(
+        mode=FLAGS.distributed,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+        init_timeout_s=FLAGS.init_timeout,
+        heartbeat_timeout_s=FLAGS.heartbeat_timeout,
+    )
+
+
 def init_runtime() -> None:
-    """Prepare JAX before it initialises its backends: CPU device emulation (--cpu_devices)."""
+    """Prepare JAX before it initialises its backends: CPU device emulation (--cpu_devices),
+    then, for experiments that called ``define_distributed_flags``, ``jax.distributed``."""
     from jaxsync.mesh import set_cpu_devices
 
     set_cpu_devices(FLAGS.cpu_devices)
+    if "distributed" in FLAGS:
+        from jaxsync.distributed import initialize
+
+        initialize(distributed_config_from_flags())
 
 
 def run(main) -> None:
@@ -88,5 +156,10 @@ def run(main) -> None:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Exception as e:
+            from jaxsync.distributed import exit_on_peer_failure
+
+            exit_on_peer_failure(e)  # one line and exit 1 if a peer process died; else re-raise
+            raise
 
     app.run(wrapped)

@@ -14,7 +14,7 @@ import struct
 
 import numpy as np
 
-from jaxsync import ConfigError
+from jaxsync import ConfigError, seqdata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +101,8 @@ def _read_idx(path: str) -> np.ndarray:
 
 
 def _find(data_dir: str, stem: str) -> str:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+    dotted = stem.replace("-idx", ".idx")
+    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
         path = os.path.join(data_dir, name)
         if os.path.exists(path):
             return path
@@ -122,12 +123,21 @@ def mnist(data_dir: str | None) -> Dataset:
     return Dataset("mnist", xtr, ytr, xte, yte, "classification", 10)
 
 
+def sequence(task: str, seed: int) -> Dataset:
+    """Toy token task copy | reverse | sort (:mod:`jaxsync.seqdata`): per-token classification."""
+    x, y = seqdata.make_task(task, seed)
+    return _split(task, x, y, "classification", seqdata.VOCAB, 512, seed)
+
+
 DATASETS = {
     "teacher": lambda seed, data_dir: teacher(seed),
     "blobs": lambda seed, data_dir: blobs(seed),
     "linreg": lambda seed, data_dir: linreg(seed),
     "digits": lambda seed, data_dir: digits(seed),
     "mnist": lambda seed, data_dir: mnist(data_dir),
+    "copy": lambda seed, data_dir: sequence("copy", seed),
+    "reverse": lambda seed, data_dir: sequence("reverse", seed),
+    "sort": lambda seed, data_dir: sequence("sort", seed),
 }
 
 

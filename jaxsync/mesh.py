@@ -3,6 +3,10 @@
 On CPU, JAX can emulate N devices in one process (``jax_num_cpu_devices``); this must be set before
 JAX initialises its backends, so experiments call :func:`set_cpu_devices` first thing. On GPU/TPU
 the setting only affects the (unused) CPU backend, so it is harmless there.
+
+Multi-process runs (:mod:`jaxsync.distributed`): ``jax.devices()`` is then the global device list,
+a mesh spans the devices of every process, and :func:`put_global_batch` feeds each process's
+local rows only.
 """
 
 from __future__ import annotations
@@ -56,12 +60,12 @@ def check_device_count(n: int) -> None:
             if platform == "cpu"
             else ""
         )
-        raise ConfigError(f"asked for {n} devices but only {have} {platform} device(s) exist.{hint}")
+        raise ConfigError(
+            f"asked for {n} devices but only {have} {platform} device(s) exist.{hint}"
+        )
 
 
-def make_mesh(
-    shape: int | Sequence[int], axis_names: Sequence[str] = (DATA_AXIS,)
-) -> Mesh:
+def make_mesh(shape: int | Sequence[int], axis_names: Sequence[str] = (DATA_AXIS,)) -> Mesh:
     """Build a mesh over the first ``prod(shape)`` devices with Auto axis types.
 
     Auto (not Explicit) axis types let plain jnp code run on sharded arrays outside a mesh
@@ -78,6 +82,14 @@ def make_mesh(
         raise ConfigError(f"mesh shape {shape} does not match axis names {tuple(axis_names)}")
     n = int(np.prod(shape))
     check_device_count(n)
+    if jax.process_count() > 1 and n != jax.device_count():
+        # jax.devices()[:n] would leave later processes without a device in the mesh, and a
+        # process with no device in a computation cannot take part in it.
+        raise ConfigError(
+            f"a multi-process mesh must span all {jax.device_count()} devices of the "
+            f"{jax.process_count()} processes ({jax.local_device_count()} per process), got {n}; "
+            f"set --num_devices={jax.device_count()} or change --cpu_devices / --num_processes"
+        )
     devices = np.asarray(jax.devices()[:n]).reshape(shape)
     return Mesh(devices, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
 
@@ -90,9 +102,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def put_global_batch(batch, sharding: NamedSharding):
     """Place a host global batch (a pytree of numpy arrays) on devices with ``sharding``.
 
-    Every data path goes through here, so a multi-process run can feed each process's local slice.
+    Every data path goes through here. With one process this is ``device_put``. With several,
+    every process holds the same host global batch (the sequence depends only on seed, batch size
+    and step), and each one hands JAX only the rows its own devices hold
+    (:func:`local_rows`), via ``jax.make_array_from_process_local_data``; the result is the same
+    global array a single process would build.
     """
-    return jax.device_put(batch, sharding)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+
+    def put(x):
+        x = np.asarray(x)
+        rows = local_rows(sharding, x.shape)
+        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+
+    return jax.tree.map(put, batch)
+
+
+def local_rows(sharding: NamedSharding, global_shape: Sequence[int]) -> slice:
+    """The rows of a global batch of ``global_shape`` held by this process's devices.
+
+    A data loader that reads only these rows feeds the same global batch as one that reads all.
+
+    Raises:
+      ConfigError: if this process's rows are not one contiguous block (a device order that
+        interleaves processes along the batch axis), which no data path here produces.
+    """
+    index = sharding.addressable_devices_indices_map(tuple(global_shape))
+    rows = sorted({idx[0].indices(global_shape[0])[:2] for idx in index.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != stop - start:
+        raise ConfigError(f"process {jax.process_index()} holds non-contiguous batch rows {rows}")
+    return slice(start, stop)
 
 
 def batch_sharded(mesh: Mesh, axis: str = DATA_AXIS) -> NamedSharding:

@@ -79,3 +79,43 @@ class Progress:
 def median_ms(times_s: list[float]) -> float:
     """Median of step times in milliseconds (NaN when there are none)."""
     return float(np.median(times_s) * 1e3) if times_s else float("nan")
+
+
+class TensorBoardWriter:
+    """TensorBoard event files through tensorboardX (no TensorFlow): one scalar per numeric field.
+
+    ``flax.metrics.tensorboard`` would need TensorFlow; tensorboardX writes the same event files
+    with only numpy and protobuf. Only process 0 writes; the folder is created on the first write.
+    """
+
+    def __init__(self, logdir: str):
+        self.logdir = logdir
+        self.enabled = jax.process_index() == 0
+        self._w = None
+
+    @staticmethod
+    def check_installed() -> None:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            from jaxsync import ConfigError
+
+            msg = "--tensorboard needs tensorboardX: pip install -e '.[tensorboard]'"
+            raise ConfigError(msg) from None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled or "step" not in record or record.get("summary") or "event" in record:
+            return
+        if self._w is None:
+            from tensorboardX import SummaryWriter
+
+            self._w = SummaryWriter(self.logdir)
+        for k, v in to_python(record).items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._w.add_scalar(k, v, record["step"])
+        self._w.flush()
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None

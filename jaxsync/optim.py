@@ -17,7 +17,9 @@ OPTIMIZERS = {
     "momentum": lambda lr, c: optax.sgd(lr, momentum=c.momentum),
     "nesterov": lambda lr, c: optax.sgd(lr, momentum=c.momentum, nesterov=True),
     "adam": lambda lr, c: optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps),
-    "adamw": lambda lr, c: optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay),
+    "adamw": lambda lr, c: optax.adamw(
+        lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay
+    ),
     "rmsprop": lambda lr, c: optax.rmsprop(lr, decay=c.rmsprop_decay, eps=c.eps),
 }
 SCHEDULES = ("constant", "cosine", "linear")
@@ -29,7 +31,8 @@ class OptimConfig:
 
     optimizer: str = "sgd"
     learning_rate: float = 0.1
-    schedule: str = "constant"  # constant | cosine (warmup + cosine decay) | linear (warmup + linear decay)
+    # constant | cosine (warmup + cosine decay) | linear (warmup + linear decay)
+    schedule: str = "constant"
     warmup_steps: int = 0
     total_steps: int = 100
     momentum: float = 0.9

@@ -7,13 +7,28 @@ are chosen from ``STRATEGIES``, a plain dict from the ``--strategy`` value to a 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
-from jaxsync import ConfigError, data, losses, models, optim
-from jaxsync.metrics import MetricsWriter, Progress, median_ms, to_python
+from jaxsync import (
+    ConfigError,
+    checkpoint,
+    compression,
+    data,
+    losses,
+    models,
+    optim,
+    precision,
+    sync,
+)
+from jaxsync.metrics import MetricsWriter, Progress, TensorBoardWriter, median_ms, to_python
+from jaxsync.parallel import pipeline, tensor
 from jaxsync.parallel.common import param_checksum
 from jaxsync.parallel.data_parallel import FRONTENDS, make_data_parallel, make_single
 
@@ -37,19 +52,90 @@ class TrainConfig:
     eval_every: int = 100
     metrics_file: str | None = None
     quiet: bool = False
+    # Checkpoints, resume, non-finite guard, TensorBoard (issue 9); see train_and_evaluate.
+    workdir: str | None = None
+    checkpoint_every: int = 100  # 0: only the final step
+    keep_checkpoints: int = 3
+    resume: bool = True
+    max_nonfinite: int = 10  # 0 disables the guard
+    tensorboard: bool = False
+    nan_at_steps: tuple[int, ...] = ()  # fault injection: these steps' batches get a NaN input
+    # Model parallelism (issue 4): --strategy=tp | pp | dp_tp.
+    model_parallel: int = 2  # P: devices per model replica (tp, dp_tp) or pipeline stages (pp)
+    microbatches: int = 4  # M: GPipe microbatches per global batch (pp)
+    tp_collective: str = "psum"  # tensor-parallel all-reduce (and dp_tp gradient sync): psum | ring
+    # Distributed optimizers (issue 5): options of psum | ring | ps (grad_accum, precision: also
+    # single), so each composes with the backend's collectives; see _dist_options.
+    shard_optimizer: bool = False  # ZeRO-1/2: optimizer state sharded 1/N (psum: XLA, ring: ring)
+    local_steps: int = 0  # 0: synchronous SGD; H >= 1: local SGD, parameters averaged every H
+    average_opt_state: bool = False  # local SGD also averages the optimizer state
+    grad_accum: int = 1  # k microbatches per device per step (global batch = k·N·b)
+    precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 master weights)
+    compression: str = "none"  # ring | ps gradient messages: none | bf16 | topk (error feedback)
+    topk_ratio: float = 0.01  # topk: fraction of each gradient bucket sent, in (0, 1]
 
 
 def _single(cfg, loss_fn, tx, model_init):
-    return make_single(loss_fn, tx, model_init)
+    return make_single(loss_fn, tx, model_init, grad_accum=cfg.grad_accum)
 
 
 def _data_parallel(cfg, loss_fn, tx, model_init):
+    tx, options = _dist_options(cfg, tx)
     return make_data_parallel(loss_fn, tx, model_init, backend=cfg.strategy,
-                              num_devices=cfg.num_devices, frontend=cfg.frontend)
+                              num_devices=cfg.num_devices, frontend=cfg.frontend, **options)
 
+
+def _dist_options(cfg, tx):
+    """``(tx, make_data_parallel options)``. The sharded optimizer clips by the global norm itself
+    (a psum of the slices' squared norms), so it gets the optimizer without clipping."""
+    options = dict(grad_accum=cfg.grad_accum, shard_optimizer=cfg.shard_optimizer,
+                   local_steps=cfg.local_steps, average_opt_state=cfg.average_opt_state,
+                   compression=compression.make_compression(cfg.compression, cfg.topk_ratio))
+    if cfg.shard_optimizer and cfg.optim.clip_norm > 0:
+        tx = optim.make_optimizer(dataclasses.replace(cfg.optim, clip_norm=0.0,
+                                                      total_steps=cfg.steps))
+        tx = optax.apply_if_finite(tx, cfg.max_nonfinite) if cfg.max_nonfinite else tx
+        options["clip_norm"] = cfg.optim.clip_norm
+    return tx, options
+
+
+def _validate_dist(cfg) -> None:
+    """Issue-5 options: values, and combinations no strategy implements."""
+    if cfg.grad_accum < 1:
+        raise ConfigError(f"--grad_accum must be >= 1, got {cfg.grad_accum}")
+    precision.get_policy(cfg.precision)
+    comp = compression.make_compression(cfg.compression, cfg.topk_ratio)
+    if cfg.average_opt_state and not cfg.local_steps:
+        raise ConfigError("--average_opt_state needs --local_steps >= 1")
+    if (cfg.shard_optimizer or cfg.local_steps or comp.name != "none") and \
+            cfg.strategy not in ("psum", "ring", "ps"):
+        raise ConfigError("--shard_optimizer, --local_steps and --compression need "
+                          f"--strategy=psum, ring or ps, not {cfg.strategy}")
+    if cfg.strategy in MODEL_PARALLEL and (cfg.grad_accum > 1 or cfg.precision != "float32"):
+        raise ConfigError(f"--grad_accum and --precision are not supported by --strategy="
+                          f"{cfg.strategy}")
+    if cfg.strategy in ("psum", "ring", "ps"):
+        sync.check_options(cfg.strategy, shard_optimizer=cfg.shard_optimizer,
+                           local_steps=cfg.local_steps, compression=comp)
+    n = 1 if cfg.strategy in ("single", *MODEL_PARALLEL) else cfg.num_devices
+    if cfg.batch_size % (n * cfg.grad_accum):
+        raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by devices x "
+                          f"--grad_accum ({n} x {cfg.grad_accum})")
+
+
+def _tensor_parallel(cfg, loss_fn, tx, model_init):
+    return tensor.from_config(cfg, tx)
+
+
+def _pipeline(cfg, loss_fn, tx, model_init):
+    return pipeline.from_config(cfg, tx)
+
+
+MODEL_PARALLEL = ("tp", "pp", "dp_tp")  # they check their own batch and mesh sizes
 
 STRATEGIES = {"single": _single, "psum": _data_parallel, "ring": _data_parallel,
-              "ps": _data_parallel}
+              "ps": _data_parallel, "tp": _tensor_parallel,
+              "dp_tp": _tensor_parallel, "pp": _pipeline}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -65,66 +151,236 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("batch_size", "steps", "num_devices", "log_every", "eval_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    n = 1 if cfg.strategy == "single" else cfg.num_devices
+    for name in ("model_parallel", "microbatches"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.tp_collective not in tensor.TP_COLLECTIVES:
+        raise ConfigError(f"unknown --tp_collective {cfg.tp_collective!r}; "
+                          f"choose from {list(tensor.TP_COLLECTIVES)}")
+    n = 1 if cfg.strategy in ("single", *MODEL_PARALLEL) else cfg.num_devices
     if cfg.batch_size % n:
         raise ConfigError(
             f"--batch_size={cfg.batch_size} is not divisible by the number of devices ({n})"
         )
+    _validate_dist(cfg)
     optim.validate(cfg.optim)
 
 
 def make_eval_fn(loss_fn):
     """Jitted ``(params, x, y) -> metrics`` over a whole held-out set."""
-    return jax.jit(lambda params, x, y: dict(zip(("loss", "aux"), loss_fn(params, (x, y)))))
+    return jax.jit(
+        lambda params, x, y: dict(zip(("loss", "aux"), loss_fn(params, (x, y)), strict=True))
+    )
+
+
+class NonFiniteError(ConfigError):
+    """Too many consecutive steps had non-finite gradients; the run stopped (exit status 2)."""
+
+
+# Config fields that must match the run a checkpoint came from: they decide what the saved state
+# and the batch sequence mean. Everything else may change on resume (--steps to train longer, the
+# strategy, front end or device count when the state layout fits: psum <-> ring, any N for
+# replicated state); the restore checks every leaf's shape and names the first that differs.
+IDENTITY_FIELDS = ("model", "width", "dataset", "seed", "batch_size", "optim")
 
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
-    """Train, evaluate every ``eval_every`` steps, write JSONL, and return the summary dict."""
+    """Train, evaluate every ``eval_every`` steps, write JSONL, and return the summary dict.
+
+    With ``cfg.workdir``: checkpoints every ``checkpoint_every`` steps and at the end into
+    ``workdir/checkpoints`` (the last ``keep_checkpoints`` kept), metrics appended to
+    ``workdir/metrics.jsonl`` (unless ``metrics_file``), TensorBoard events in
+    ``workdir/tensorboard``; a workdir that holds a checkpoint is resumed from the latest one
+    (``resume=False`` refuses instead). The batch sequence is a pure function of
+    (seed, batch size, step), so the data position is the step and a resumed run is bitwise the
+    uninterrupted one. Steps with non-finite gradients are skipped (``optax.apply_if_finite``);
+    after ``max_nonfinite`` in a row, :class:`NonFiniteError`, with the last checkpoint kept.
+    """
     validate(cfg)
+    ckpt = _open_workdir(cfg)
+    start = _resume_step(cfg, ckpt)
+    writers = []
+    try:
+        ds, strategy, evaluate = _build(cfg)
+        rng = jax.random.key(cfg.seed)
+        state = strategy.init(rng, jnp.asarray(ds.x_train[:1]))
+        carried = {}
+        if start:  # the fresh state is the template: the strategy's shardings and layout
+            tree, carried = ckpt.restore(start, template={"state": state, "rng": rng})
+            state, rng = tree["state"], tree["rng"]
+        writers = _open_writers(cfg, start)
+        return _loop(cfg, ds, strategy, evaluate, ckpt, state, rng, start, carried, writers)
+    finally:
+        for w in writers:
+            w.close()
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _build(cfg: TrainConfig):
+    """Data set, strategy and eval function of a run."""
     ds = data.load_dataset(cfg.dataset, cfg.seed, cfg.data_dir)
     if cfg.batch_size > len(ds.x_train):
         raise ConfigError(f"--batch_size={cfg.batch_size} exceeds the {len(ds.x_train)} "
                           f"training examples of {cfg.dataset}")
     model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
+    model = precision.apply_policy(model, cfg.precision)  # bf16 compute, float32 master weights
     loss_fn = losses.make_loss_fn(model.apply, ds.task)
     tx = optim.make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
+    if cfg.max_nonfinite:
+        # Inside the optimizer the skip happens in the jitted step, on the synchronised gradient
+        # (NaN in any device's gradient reaches the mean), with no copy of the old state.
+        tx = optax.apply_if_finite(tx, cfg.max_nonfinite)
     strategy = STRATEGIES[cfg.strategy](cfg, loss_fn, tx, lambda r, x: model.init(r, x)["params"])
-    state = strategy.init(jax.random.key(cfg.seed), jnp.asarray(ds.x_train[:1]))
-    evaluate = make_eval_fn(loss_fn)
-    writer = MetricsWriter(cfg.metrics_file)
-    progress = Progress(cfg.steps)
-    times, record, eval_metrics = [], {}, {}
-    try:
-        for step in range(1, cfg.steps + 1):
-            batch = strategy.put_batch(ds.batch(step - 1, cfg.batch_size, cfg.seed))
-            t0 = time.perf_counter()
-            state, metrics = strategy.step(state, batch)
-            metrics = jax.block_until_ready(metrics)
-            if step > 1:  # the first step compiles
-                times.append(time.perf_counter() - t0)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                eval_metrics = _flat_eval(evaluate(strategy.params(state), ds.x_test, ds.y_test))
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"step": step, **to_python(metrics), **eval_metrics,
-                          "step_time_ms": median_ms(times[-cfg.log_every:])}
-                writer.write(record)
-                if not cfg.quiet:
-                    progress.report(step, record)
-        summary = {
-            "summary": True,
-            "strategy": cfg.strategy,
-            "frontend": cfg.frontend,
-            "num_devices": strategy.num_devices,
-            "steps": cfg.steps,
-            "final_loss": record.get("loss"),
-            **eval_metrics,
-            "step_time_ms": median_ms(times),
-            "param_checksum": param_checksum(strategy.params(state)),
-        }
-        writer.write(summary)
-    finally:
-        writer.close()
+    return ds, strategy, make_eval_fn(loss_fn)
+
+
+def _open_workdir(cfg: TrainConfig) -> checkpoint.Checkpointer | None:
+    """Check the run's files before any work; nothing is created until the first write."""
+    for name in ("checkpoint_every", "max_nonfinite"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.tensorboard:
+        if not cfg.workdir:
+            raise ConfigError("--tensorboard writes into --workdir/tensorboard; set --workdir")
+        TensorBoardWriter.check_installed()
+    if not cfg.workdir:
+        return None
+    if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
+        raise ConfigError(f"--workdir={cfg.workdir} is a file, not a folder")
+    return checkpoint.Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints)
+
+
+def _config_json(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _identity(config: dict) -> dict:
+    """The IDENTITY_FIELDS of a config dict, flat (``optim.learning_rate``)."""
+    out = {}
+    for k in IDENTITY_FIELDS:
+        v = config.get(k)
+        if isinstance(v, dict):
+            out.update({f"{k}.{sub}": x for sub, x in v.items() if sub != "total_steps"})
+        else:
+            out[k] = v
+    return out
+
+
+def _resume_step(cfg: TrainConfig, ckpt) -> int:
+    """The step to resume from (0: a fresh run), after checking the checkpoint fits the config."""
+    step = ckpt.latest_step() if ckpt else None
+    if step is None:
+        return 0
+    if not cfg.resume:
+        raise ConfigError(f"{ckpt.directory} holds checkpoints up to step {step}; resume "
+                          "(drop --noresume) or choose a new --workdir")
+    if step > cfg.steps:
+        raise ConfigError(f"the latest checkpoint is at step {step}, past --steps={cfg.steps}")
+    saved = _identity(ckpt.read_meta(step).get("config", {}))
+    now = _identity(_config_json(cfg))  # optim.total_steps follows --steps: not compared
+    diff = [k for k in now if now[k] != saved.get(k)]
+    if diff:
+        raise ConfigError(f"{ckpt.directory}/{step} comes from a different run ("
+                          + ", ".join(f"--{k}={saved.get(k)} there, {now[k]} now" for k in diff)
+                          + "); use the same flags or a new --workdir")
+    return step
+
+
+def _open_writers(cfg: TrainConfig, start: int) -> list:
+    """JSONL (appended inside a workdir, so nothing is lost) and optionally TensorBoard."""
+    path = cfg.metrics_file or (os.path.join(cfg.workdir, "metrics.jsonl") if cfg.workdir else None)
+    jsonl = MetricsWriter(path, append=bool(cfg.workdir))
+    if cfg.workdir:  # readers take the last record of a step: a resume repeats the lost steps
+        jsonl.write({"event": "resume" if start else "start", "step": start})
+    writers = [jsonl]
+    if cfg.tensorboard:
+        writers.append(TensorBoardWriter(os.path.join(cfg.workdir, "tensorboard")))
+    return writers
+
+
+def _loop(cfg, ds, strategy, evaluate, ckpt, state, rng, start, carried, writers) -> dict:
+    """Steps ``start+1 .. cfg.steps``: step, guard, eval, log, checkpoint; then the summary."""
+    progress = Progress(cfg.steps, start_step=start)
+    times, record, eval_metrics = [], carried.get("record", {}), carried.get("eval", {})
+    nonfinite = (0, 0)
+    for step in range(start + 1, cfg.steps + 1):
+        batch = strategy.put_batch(_batch(cfg, ds, step))
+        t0 = time.perf_counter()
+        state, metrics = strategy.step(state, batch)
+        metrics = jax.block_until_ready(metrics)
+        if step > start + 1:  # the first step of a process compiles
+            times.append(time.perf_counter() - t0)
+        if cfg.max_nonfinite:
+            nonfinite = nonfinite_counts(state)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            eval_metrics = _flat_eval(evaluate(strategy.params(state), ds.x_test, ds.y_test))
+        if step % cfg.log_every == 0 or step == cfg.steps or nonfinite[0] >= cfg.max_nonfinite > 0:
+            record = {"step": step, **to_python(metrics), **eval_metrics,
+                      "nonfinite_steps": nonfinite[1],
+                      "step_time_ms": median_ms(times[-cfg.log_every:])}
+            for w in writers:
+                w.write(record)
+            if not cfg.quiet:
+                progress.report(step, record)
+        if cfg.max_nonfinite and nonfinite[0] >= cfg.max_nonfinite:
+            _stop_nonfinite(cfg, ckpt, step, writers)
+        if ckpt is not None and (step == cfg.steps or (
+                cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            ckpt.save(step, {"state": state, "rng": rng},
+                      {"config": _config_json(cfg), "data_position": step, "record": record,
+                       "eval": eval_metrics})
+    summary = {
+        "summary": True,
+        "strategy": cfg.strategy,
+        "frontend": cfg.frontend,
+        "num_devices": strategy.num_devices,
+        "steps": cfg.steps,
+        "final_loss": record.get("loss"),
+        **eval_metrics,
+        "nonfinite_steps": record.get("nonfinite_steps", 0),
+        "step_time_ms": median_ms(times),
+        "param_checksum": param_checksum(strategy.params(state)),
+    }
+    writers[0].write(summary)
     return summary
+
+
+def _batch(cfg: TrainConfig, ds, step: int):
+    """Global batch of (1-based) ``step``; a NaN input at the fault-injection steps."""
+    x, y = ds.batch(step - 1, cfg.batch_size, cfg.seed)
+    if step in cfg.nan_at_steps:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ConfigError(f"--nan_at_steps needs float inputs; {cfg.dataset} has {x.dtype}")
+        x = x.copy()
+        x[0] = np.nan
+    return x, y
+
+
+def nonfinite_counts(state) -> tuple[int, int]:
+    """``(consecutive, total)`` skipped steps kept by ``optax.apply_if_finite`` in ``state``.
+
+    Under the ``ps`` backend only the server's copy of the state is updated (the workers' counts
+    stay 0) and a pmap state holds one copy per device, so the count is the max over copies.
+    """
+    is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    guards = [s for s in jax.tree.leaves(state, is_leaf=is_guard) if is_guard(s)]
+    if not guards:
+        return 0, 0
+    g = jax.device_get(guards[0])
+    return int(np.max(g.notfinite_count)), int(np.max(g.total_notfinite))
+
+
+def _stop_nonfinite(cfg, ckpt, step, writers):
+    last = ckpt.latest_step() if ckpt is not None else None
+    kept = f"the last checkpoint (step {last}) is intact" if last is not None else "no checkpoint"
+    writers[0].write({"summary": True, "stopped": "nonfinite", "step": step,
+                      "strategy": cfg.strategy, "steps": cfg.steps})
+    raise NonFiniteError(
+        f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had NaN/Inf gradients and "
+        f"were skipped (--max_nonfinite={cfg.max_nonfinite}); {kept}; try a lower "
+        "--learning_rate or --clip_norm"
+    )
 
 
 def _flat_eval(m) -> dict:

@@ -36,7 +36,7 @@ def reference(opt, n):
 
 
 def assert_close(tree_a, tree_b, rtol=1e-5):
-    for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)):
+    for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True):
         err = np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(b), 1e-12)
         assert err <= rtol, f"relative error {err:.2e} > {rtol}"
 

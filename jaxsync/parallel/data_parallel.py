@@ -1,8 +1,10 @@
-"""Synchronous data-parallel SGD (g = 1/N Σ gᵢ) and the single-device reference.
+"""Data-parallel training (synchronous SGD g = 1/N Σ gᵢ, or the backends' variants: sharded
+optimizer, local SGD, compressed gradients) and the single-device reference.
 
 The per-device step is written once with a named axis; the sync backend (``psum`` | ``ring`` |
-``ps``) is the only line that differs, and the same function runs under ``jax.shard_map`` over a
-Mesh (the primary front end) or ``jax.pmap`` (the classic one).
+``ps``, with its options) is the only line that differs, and the same function runs under
+``jax.shard_map`` over a Mesh (the primary front end) or ``jax.pmap`` (the classic one). Gradient
+accumulation over k microbatches is an option of that step (:func:`local_value_and_grad`).
 
 ``check_vma=False``: with JAX's default ``check_vma=True``, ``jax.grad`` with respect to
 replicated (``P()``) parameters is already summed over the axis, so a following ``pmean`` would
@@ -27,11 +29,37 @@ from jaxsync.sync import make_backend
 FRONTENDS = ("shard_map", "pmap")
 
 
-def make_single(loss_fn, tx, model_init) -> Strategy:
+def local_value_and_grad(loss_fn, params, batch, grad_accum: int = 1):
+    """``((loss, metrics), grads)`` of ``loss_fn`` on one device's batch, in ``grad_accum``
+    microbatches.
+
+    The batch (leading size k·b) is split into k microbatches of b; a ``lax.scan`` sums their
+    gradients and metrics and divides by k, so only one microbatch's activations are alive at a
+    time. The loss is a mean over equal microbatches, so this is the gradient of the whole batch:
+    what optax.MultiSteps gives over k steps of b, taken here as one global step.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        return grad_fn(params, batch)
+    size = jax.tree.leaves(batch)[0].shape[0]
+    if size % grad_accum:
+        raise ConfigError(f"per-device batch {size} is not divisible by grad_accum={grad_accum}")
+    micro = jax.tree.map(lambda a: a.reshape((grad_accum, -1) + a.shape[1:]), batch)
+
+    def body(grad_sum, mb):
+        out, grads = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, grad_sum, grads), out
+
+    grad_sum, outs = lax.scan(body, jax.tree.map(jnp.zeros_like, params), micro)
+    mean_out = jax.tree.map(lambda a: jnp.mean(a, axis=0), outs)
+    return mean_out, jax.tree.map(lambda g: g / grad_accum, grad_sum)
+
+
+def make_single(loss_fn, tx, model_init, grad_accum: int = 1) -> Strategy:
     """One device, no synchronisation: the reference every strategy is compared with."""
 
     def step(state: TrainState, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (loss, metrics), grads = local_value_and_grad(loss_fn, state.params, batch, grad_accum)
         params, opt_state = apply_optimizer(tx, grads, state.opt_state, state.params)
         return TrainState(state.step + 1, params, opt_state), {"loss": loss, **metrics}
 
@@ -45,11 +73,12 @@ def make_single(loss_fn, tx, model_init) -> Strategy:
     )
 
 
-def make_device_step(loss_fn, backend, axis_name: str):
-    """The per-device step: local gradient, one sync line, mean metrics over the axis."""
+def make_device_step(loss_fn, backend, axis_name: str, grad_accum: int = 1):
+    """The per-device step: local gradient (over ``grad_accum`` microbatches), one sync line,
+    mean metrics over the axis."""
 
     def device_step(state: TrainState, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (loss, metrics), grads = local_value_and_grad(loss_fn, state.params, batch, grad_accum)
         params, opt_state = backend.update(grads, state.opt_state, state.params)
         metrics = lax.pmean({"loss": loss, **metrics}, axis_name)
         return TrainState(state.step + 1, params, opt_state), metrics
@@ -66,52 +95,96 @@ def make_data_parallel(
     num_devices: int,
     frontend: str = "shard_map",
     axis_name: str = DATA_AXIS,
+    grad_accum: int = 1,
     **backend_kw,
 ) -> Strategy:
-    """Synchronous data parallelism over the first ``num_devices`` devices.
+    """Data parallelism over the first ``num_devices`` devices.
 
     Args:
       loss_fn: ``(params, (x, y)) -> (loss, metrics)`` on one device's shard of the batch.
       tx: the optax optimizer.
       model_init: ``(rng, x) -> params``.
       backend: ``psum`` | ``ring`` | ``ps`` (see :mod:`jaxsync.sync`).
-      num_devices: N; the global batch must be divisible by N.
+      num_devices: N; the global batch must be divisible by N·grad_accum.
       frontend: ``shard_map`` (a Mesh) or ``pmap``.
+      grad_accum: k microbatches per device per step (one global step on k·N·b examples).
+      **backend_kw: options of :func:`jaxsync.sync.make_backend` (``shard_optimizer``,
+        ``local_steps``, ``average_opt_state``, ``compression``, ``clip_norm``, ...).
     Returns:
       A :class:`Strategy` whose ``step`` consumes global batches.
     """
     if frontend not in FRONTENDS:
         raise ConfigError(f"unknown frontend {frontend!r}; choose from {list(FRONTENDS)}")
+    if grad_accum < 1:
+        raise ConfigError(f"--grad_accum must be >= 1, got {grad_accum}")
     sync = make_backend(backend, tx, axis_name, **backend_kw)
-    device_step = make_device_step(loss_fn, sync, axis_name)
+    device_step = make_device_step(loss_fn, sync, axis_name, grad_accum)
+    if frontend == "pmap" and jax.process_count() > 1:  # pmap's put_batch/params assume 1 process
+        raise ConfigError(
+            "--frontend=pmap runs in one process; use --frontend=shard_map in a multi-process run"
+        )
     build = _shard_map_strategy if frontend == "shard_map" else _pmap_strategy
-    return build(device_step, sync, tx, model_init, num_devices, axis_name, backend)
+    return build(device_step, sync, model_init, num_devices, axis_name, backend)
 
 
 def _stack(tree, n):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
 
 
-def _shard_map_strategy(device_step, sync, tx, model_init, n, axis, name) -> Strategy:
+def _unstack(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _restack(tree):
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+def _mean_over_devices(tree):
+    """The model of a local-SGD run: the mean of the per-device parameters."""
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def _shard_map_strategy(device_step, sync, model_init, n, axis, name) -> Strategy:
+    """Per-device fields (``sync.server_state`` / ``sync.local_params``) carry a leading device
+    axis sharded over the mesh; each device sees its row with a leading 1, dropped here."""
     mesh = make_mesh(n, (axis,))
-    opt_spec = P(axis) if sync.server_state else P()
-    state_spec = TrainState(P(), P(), opt_spec)
+    state_spec = TrainState(
+        P(), P(axis) if sync.local_params else P(), P(axis) if sync.server_state else P()
+    )
+    per_device_fields = (False, sync.local_params, sync.server_state)
 
     def per_device(state, batch):
-        if sync.server_state:  # per-device state arrives with a leading axis of size 1
-            state = state._replace(opt_state=jax.tree.map(lambda x: x[0], state.opt_state))
+        state = TrainState(
+            *(_unstack(f) if d else f for f, d in zip(state, per_device_fields, strict=True))
+        )
         state, metrics = device_step(state, batch)
-        if sync.server_state:
-            state = state._replace(opt_state=jax.tree.map(lambda x: x[None], state.opt_state))
+        state = TrainState(
+            *(_restack(f) if d else f for f, d in zip(state, per_device_fields, strict=True))
+        )
         return state, metrics
 
-    step = jax.shard_map(per_device, mesh=mesh, in_specs=(state_spec, P(axis)),
-                         out_specs=(state_spec, P()), check_vma=False)
+    step = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(state_spec, P(axis)),
+        out_specs=(state_spec, P()),
+        check_vma=False,
+    )
+    # The optimizer state is built on each device (a ZeRO slice never exists whole anywhere).
+    init_opt = jax.shard_map(
+        lambda p: _restack(sync.init(p)),
+        mesh=mesh,
+        in_specs=P(),
+        out_specs=P(axis),
+        check_vma=False,
+    )
 
     def init(rng, x):
-        state = init_state(model_init, tx, rng, x)
-        if sync.server_state:
-            state = state._replace(opt_state=_stack(state.opt_state, n))
+        params = jax.jit(model_init)(rng, x)
+        opt_state = jax.jit(init_opt)(params) if sync.server_state else jax.jit(sync.init)(params)
+        if sync.local_params:
+            params = _stack(params, n)
+        state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
         shardings = TrainState(*(NamedSharding(mesh, s) for s in state_spec))
         return jax.device_put(state, _broadcast_specs(shardings, state))
 
@@ -121,25 +194,31 @@ def _shard_map_strategy(device_step, sync, tx, model_init, n, axis, name) -> Str
         init=init,
         step=jax.jit(step, donate_argnums=0),
         put_batch=lambda batch: put_global_batch(batch, batch_sharding),
-        params=lambda state: state.params,
+        params=(lambda s: _mean_over_devices(s.params))
+        if sync.local_params
+        else (lambda s: s.params),
         num_devices=n,
     )
 
 
 def _broadcast_specs(shardings: TrainState, state: TrainState):
     """Expand the per-field shardings of a TrainState to every leaf of ``state``."""
-    return TrainState(*(jax.tree.map(lambda _: s, field) for s, field in zip(shardings, state)))
+    return TrainState(
+        *(jax.tree.map(lambda _, s=s: s, field) for s, field in zip(shardings, state, strict=True))
+    )
 
 
-def _pmap_strategy(device_step, sync, tx, model_init, n, axis, name) -> Strategy:
+def _pmap_strategy(device_step, sync, model_init, n, axis, name) -> Strategy:
     devices = jax.devices()[:n]
     if len(devices) < n:
         make_mesh(n)  # raises the standard "not enough devices" error
     step = jax.pmap(device_step, axis_name=axis, devices=devices, donate_argnums=0)
     place = jax.pmap(lambda s: s, devices=devices)
+    init_opt = jax.pmap(sync.init, axis_name=axis, devices=devices)
 
     def init(rng, x):
-        return place(_stack(init_state(model_init, tx, rng, x), n))
+        params = place(_stack(jax.jit(model_init)(rng, x), n))
+        return TrainState(place(jnp.zeros((n,), jnp.int32)), params, init_opt(params))
 
     def put_batch(batch):
         return jax.tree.map(lambda a: np.asarray(a).reshape((n, -1) + a.shape[1:]), batch)
@@ -149,7 +228,9 @@ def _pmap_strategy(device_step, sync, tx, model_init, n, axis, name) -> Strategy
         init=init,
         step=lambda state, batch: _first_metrics(step(state, batch)),
         put_batch=put_batch,
-        params=lambda state: jax.tree.map(lambda x: x[0], state.params),
+        params=(lambda s: _mean_over_devices(s.params))
+        if sync.local_params
+        else (lambda s: _unstack(s.params)),
         num_devices=n,
     )
 

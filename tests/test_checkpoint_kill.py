@@ -1,0 +1,146 @@
+"""Real crashes: SIGKILL mid-run then resume is bitwise the uninterrupted run; a kill inside a
+checkpoint write leaves the earlier checkpoints loadable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+
+from jaxsync.checkpoint import TMP_MARK, Checkpointer, scan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "experiments", "train.py")
+FLAGS = [
+    "--strategy=ps",
+    "--cpu_devices=4",
+    "--num_devices=4",
+    "--width=8",
+    "--batch_size=32",
+    "--optimizer=adam",
+    "--learning_rate=0.01",
+    "--steps=200",
+    "--log_every=5",
+    "--eval_every=15",
+    "--checkpoint_every=20",
+    "--keep_checkpoints=2",
+]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the experiment emulates its own devices
+    return env
+
+
+def _train(workdir, **kw):
+    return subprocess.Popen(
+        [sys.executable, TRAIN, *FLAGS, f"--workdir={workdir}"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _untimed(records):
+    return [{k: v for k, v in r.items() if k != "step_time_ms"} for r in records]
+
+
+def _final_state(workdir):
+    """Every array of the final checkpoint, PRNG keys as their raw data."""
+    with Checkpointer(os.path.join(workdir, "checkpoints")) as ck:
+        tree = ck.restore(200)[0]
+    is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return jax.device_get(jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree))
+
+
+def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    ref = _train(ref_dir)
+    victim = _train(run_dir)
+    ckpts = os.path.join(run_dir, "checkpoints")
+    while victim.poll() is None and not scan(ckpts):
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)  # as soon as one checkpoint is finalized
+    assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed_from = scan(ckpts)[-1]
+    assert 0 < resumed_from < 200
+    assert _train(run_dir).wait() == 0
+    assert ref.wait() == 0, ref.stderr.read()
+
+    ref_records, run_records = _records(ref_dir), _records(run_dir)
+    marker = run_records.index({"event": "resume", "step": resumed_from})
+    after = lambda rs: [r for r in rs if r.get("step", 0) > resumed_from or r.get("summary")]
+    assert _untimed(run_records[marker + 1 :]) == _untimed(after(ref_records))
+    a, b = _final_state(ref_dir), _final_state(run_dir)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert all(map(np.array_equal, jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+CRASH_IN_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.path import atomicity
+    from jaxsync.checkpoint import Checkpointer
+
+    ck = Checkpointer(sys.argv[1])
+    ck.save(1, {"w": jnp.ones(4)})
+    async def die(self):  # every file of step 2 is written; the rename never happens
+        os.kill(os.getpid(), signal.SIGKILL)
+    atomicity.AtomicRenameTemporaryPath.finalize = die
+    ck.save(2, {"w": jnp.full(4, 2.0)})
+""")
+
+
+def test_kill_inside_a_checkpoint_write_keeps_the_last_good_one(tmp_path):
+    d = tmp_path / "ck"
+    out = subprocess.run(
+        [sys.executable, "-c", CRASH_IN_WRITE, str(d)],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    leftovers = [n for n in os.listdir(d) if TMP_MARK in n]
+    assert leftovers and leftovers[0].startswith("2")  # the unfinished write, never loaded
+    with Checkpointer(str(d)) as ck:
+        assert ck.all_steps() == [1]
+        tree, meta = ck.restore(template={"w": np.zeros(4, np.float32)})
+        assert meta["step"] == 1 and np.array_equal(tree["w"], np.ones(4))
+        ck.save(2, {"w": np.full(4, 2.0, np.float32)})  # the same step again replaces it
+        assert ck.all_steps() == [1, 2] and not [n for n in os.listdir(d) if TMP_MARK in n]
+
+
+def test_cli_foreign_file_is_one_line_and_nothing_is_deleted(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "weights.pkl").write_bytes(b"someone else's")
+    (tmp_path / "run" / "metrics.jsonl").write_text("earlier\n")
+    out = subprocess.run(
+        [sys.executable, TRAIN, *FLAGS, f"--workdir={tmp_path / 'run'}"],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "weights.pkl is not a jaxsync checkpoint" in lines[0]
+    assert os.listdir(ckpts) == ["weights.pkl"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "earlier\n"
