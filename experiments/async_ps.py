@@ -13,6 +13,13 @@ Real threads, 4 workers on 4 emulated CPU devices, one of them 4x slower, FIFO l
   python experiments/async_ps.py --mode=threads --num_workers=4 --straggler_fraction=0.25 \
       --straggler_slowdown=4 --lock=fifo --steps=200
 
+Checkpointed every 50 updates into a run folder; run the same line again after a crash (even
+SIGKILL) to resume from the latest checkpoint, bit for bit (emulated mode only; threads mode rejects
+the checkpoint flags, since thread scheduling is not reproducible):
+
+  python experiments/async_ps.py --staleness=4 --steps=400 --workdir=/tmp/async_run \
+      --checkpoint_every=50
+
 The summary line carries final_loss, eval metrics, step_time_ms, param_checksum and the staleness
 histogram; with ``--staleness=0`` the checksum equals ``experiments/train.py --strategy=single``.
 """
@@ -65,6 +72,7 @@ cli.define_device_flags()
 cli.define_model_data_flags()
 cli.define_optim_flags()
 cli.define_logging_flags()
+cli.define_checkpoint_flags()
 
 
 def main(argv):
@@ -72,6 +80,9 @@ def main(argv):
     from jaxsync.async_ps.staleness import StalenessConfig
     from jaxsync.async_ps.train import AsyncConfig, train_async
 
+    checkpointing = cli.checkpoint_kwargs_from_flags()
+    if FLAGS.mode == "threads" and not FLAGS["max_nonfinite"].present:
+        checkpointing["max_nonfinite"] = 0  # the guard's default is emulated-only, not an error
     cfg = AsyncConfig(
         mode=FLAGS.mode,
         staleness=StalenessConfig(
@@ -99,6 +110,7 @@ def main(argv):
         metrics_file=FLAGS.metrics_file,
         timeout_s=FLAGS.timeout_s,
         fail_worker=FLAGS.fail_worker,
+        **checkpointing,
     )
     summary = train_async(cfg)
     print("summary " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "summary"))

@@ -24,11 +24,12 @@ def define_device_flags(default_devices: int = 8) -> None:
 
 
 def define_model_data_flags() -> None:
-    flags.DEFINE_string("model", "mlp", "Model: mlp | cnn.")
+    flags.DEFINE_string("model", "mlp", "Model: mlp | cnn | transformer.")
     flags.DEFINE_integer("width", 64, "Hidden width of the model (>= 1).")
     flags.DEFINE_string("dataset", "teacher",
                         "Data set: teacher | blobs | linreg (synthetic, from --seed) | digits "
-                        "(scikit-learn's bundled 8x8 digits) | mnist (IDX files in --data_dir).")
+                        "(scikit-learn's bundled 8x8 digits) | mnist (IDX files in --data_dir) | "
+                        "copy | reverse | sort (seeded toy token tasks for --model=transformer).")
     flags.DEFINE_string("data_dir", None, "Folder holding the MNIST IDX files (--dataset=mnist).")
     flags.DEFINE_integer("batch_size", 256, "Global batch size over all devices (>= 1).")
     flags.DEFINE_integer("steps", 200, "Training steps (>= 1).")

@@ -11,6 +11,10 @@ H = max τ + 1 parameter versions (version v lives in slot v mod H); ``lax.scan`
 :class:`~jaxsync.async_ps.staleness.Schedule`, so a seed fixes every bit of the run. With τ = 0
 and k = 1 the update is exactly single-device synchronous SGD on the same batches (the ring
 buffer then holds one slot, the current parameters).
+
+The scan carry :class:`EmuState` is the whole emulator: it holds no RNG (the schedule and the
+batches are pure functions of the seed and the update count), so saving it and replaying the rest
+of the schedule from ``state.step`` continues a run bit for bit, in chunks of any length.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 from jaxsync.async_ps.staleness import staleness_scale
@@ -40,7 +45,9 @@ class Emulator(NamedTuple):
 
     ``batches`` is a pytree of arrays with leading axes ``(T, k)``, ``taus`` int32 ``(T, k)``;
     ``metrics`` holds one value per update (mean over its k pushes) of the workers' loss, their
-    other loss metrics and the mean staleness.
+    other loss metrics and the mean staleness; with an ``optax.apply_if_finite`` optimizer also
+    ``nonfinite_consecutive`` and ``nonfinite_steps`` (skipped updates in a row, in total) after
+    each update, so a caller running a long chunk finds the exact update where a NaN run began.
     """
 
     init: Callable
@@ -50,6 +57,22 @@ class Emulator(NamedTuple):
 
 def _ring_write(history, params, slot):
     return jax.tree.map(lambda h, p: h.at[slot].set(p), history, params)
+
+
+def _guard_counts(opt_state) -> dict:
+    """Skipped-update counters of the ``optax.apply_if_finite`` state in ``opt_state`` ({} if none).
+
+    A skipped update (NaN/Inf gradient) leaves the parameters as they were but still advances the
+    server version, so the staleness schedule stays a function of the update count.
+    """
+    is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    guards = [s for s in jax.tree.leaves(opt_state, is_leaf=is_guard) if is_guard(s)]
+    if not guards:
+        return {}
+    return {
+        "nonfinite_consecutive": guards[0].notfinite_count,
+        "nonfinite_steps": guards[0].total_notfinite,
+    }
 
 
 def _scaled_mean(grads, scale):
@@ -101,6 +124,7 @@ def make_emulator(
         step = state.step + 1
         history = _ring_write(state.history, params, step % history_size)
         metrics = {"loss": loss, **aux, "staleness": jnp.mean(taus.astype(jnp.float32))}
+        metrics.update(_guard_counts(opt_state))
         return EmuState(step, params, opt_state, history), metrics
 
     def run(state: EmuState, batches, taus):

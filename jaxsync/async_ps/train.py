@@ -5,10 +5,19 @@ same JSONL metrics and summary keys as :func:`jaxsync.train.train_and_evaluate` 
 ``eval_*``, ``steps``, ``step_time_ms``, ``param_checksum``) plus a staleness histogram.
 
 - ``emulated``: :mod:`.emulate` replays a seeded staleness schedule (:mod:`.staleness`) in a
-  jitted ``lax.scan``, ``log_every`` updates per call; bitwise reproducible.
+  jitted ``lax.scan``, one call per chunk of updates between two log / eval / checkpoint points;
+  bitwise reproducible. With ``workdir`` it checkpoints and resumes like the supervised loop
+  (:func:`jaxsync.train.train_and_evaluate`, whose workdir helpers it shares): the saved state is
+  the whole scan carry (parameters, optimizer state, the ring buffer of past parameter versions,
+  the server version), and the data / staleness position is the update count, so a resumed run is
+  bitwise the uninterrupted one. Updates with NaN/Inf gradients are skipped
+  (``optax.apply_if_finite``); after ``max_nonfinite`` in a row the run stops (NonFiniteError),
+  the last checkpoint intact.
 - ``threads``: :mod:`.server` runs real worker threads on emulated devices; staleness is measured.
   Its JSONL records (one per ``log_every`` pushes: mean worker loss, staleness, lock wait, wall
-  time) are written from the server's log once the workers stop; eval runs at the end only.
+  time) are written from the server's log once the workers stop; eval runs at the end only. Thread
+  scheduling decides which gradients are stale, so a threaded run is not reproducible: it rejects
+  the checkpoint, resume and non-finite-guard options.
 
 One server update consumes ``n_push`` global batches of ``batch_size`` (push p uses batch p), so
 τ = 0 with ``n_push = 1`` sees exactly the batches of ``experiments/train.py --strategy=single``.
@@ -18,12 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxsync import ConfigError, data, losses, models, optim
+from jaxsync import train as sync_train
 from jaxsync.async_ps.emulate import make_emulator
 from jaxsync.async_ps.lock import LOCK_POLICIES
 from jaxsync.async_ps.server import ThreadsConfig, run_threads
@@ -35,7 +47,7 @@ from jaxsync.async_ps.staleness import (
     straggler_ids,
     validate_staleness,
 )
-from jaxsync.metrics import MetricsWriter, Progress, median_ms, to_python
+from jaxsync.metrics import Progress, median_ms, to_python
 from jaxsync.parallel.common import param_checksum
 from jaxsync.train import make_eval_fn
 
@@ -65,6 +77,26 @@ class AsyncConfig:
     fail_worker: int = -1  # threads mode: inject a RuntimeError in this worker (-1: none)
     fail_after: int = 2  # ... after it has pushed this many gradients
     quiet: bool = False
+    # Checkpoints, resume, non-finite guard, TensorBoard (issue 9), emulated mode only; the
+    # fields and their meaning are those of jaxsync.train.TrainConfig, with steps = updates.
+    workdir: str | None = None
+    checkpoint_every: int = 100  # 0: only the final update
+    keep_checkpoints: int = 3
+    resume: bool = True
+    # 0: no guard. Off here so that τ = 0 is bitwise plain single-device SGD (apply_if_finite's
+    # lax.cond changes the last bits); the CLI defaults to 10, like train.py's (then equal again).
+    max_nonfinite: int = 0
+    tensorboard: bool = False
+    nan_at_steps: tuple[int, ...] = ()  # fault injection: these updates' first push gets a NaN
+    strategy: ClassVar[str] = "async_ps"  # named in summaries (jaxsync.train's helpers too)
+
+
+# Beyond jaxsync.train.IDENTITY_FIELDS, what must match the run a checkpoint came from: the
+# staleness schedule (and so the ring-buffer size) and the update rule.
+ASYNC_IDENTITY_FIELDS = ("mode", "staleness", "staleness_aware_lr")
+# The options of cli.define_checkpoint_flags: emulated mode only.
+CHECKPOINT_FIELDS = ("workdir", "checkpoint_every", "keep_checkpoints", "resume")
+CHECKPOINT_FIELDS += ("max_nonfinite", "tensorboard", "nan_at_steps")
 
 
 def validate(cfg: AsyncConfig) -> None:
@@ -95,46 +127,94 @@ def validate(cfg: AsyncConfig) -> None:
             )
         if cfg.lock == "none" and cfg.staleness.n_push > 1:
             raise ConfigError("--n_push > 1 needs --lock=fifo (the pending pushes are shared)")
+        _reject_checkpoint_options(cfg)
     optim.validate(cfg.optim)
 
 
-def train_async(cfg: AsyncConfig) -> dict:
-    """Train asynchronously, write JSONL metrics and a summary line, and return the summary."""
-    validate(cfg)
-    ds = data.load_dataset(cfg.dataset, cfg.seed, cfg.data_dir)
-    if cfg.batch_size > len(ds.x_train):
+def _reject_checkpoint_options(cfg: AsyncConfig) -> None:
+    """Threads mode: any checkpoint / guard option changed from its default is an error."""
+    default = AsyncConfig()
+    changed = [f for f in CHECKPOINT_FIELDS if getattr(cfg, f) != getattr(default, f)]
+    if changed:
         raise ConfigError(
-            f"--batch_size={cfg.batch_size} exceeds the {len(ds.x_train)} "
-            f"training examples of {cfg.dataset}"
+            f"--{changed[0]} needs --mode=emulated: worker threads are not deterministic, so a "
+            "threaded run cannot be checkpointed, resumed or guarded against NaN"
         )
-    model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
-    loss_fn = losses.make_loss_fn(model.apply, ds.task)
-    tx = optim.make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
-    params = jax.jit(lambda r, x: model.init(r, x)["params"])(
-        jax.random.key(cfg.seed), jnp.asarray(ds.x_train[:1])
-    )
-    eval_fn = make_eval_fn(loss_fn)
-    evaluate = lambda p: eval_fn(p, ds.x_test, ds.y_test)
-    writer = MetricsWriter(cfg.metrics_file)
+
+
+def train_async(cfg: AsyncConfig) -> dict:
+    """Train asynchronously, write JSONL metrics and a summary line, and return the summary.
+
+    Emulated mode with ``cfg.workdir``: checkpoints every ``checkpoint_every`` updates and at the
+    end into ``workdir/checkpoints``, metrics appended to ``workdir/metrics.jsonl``, resumed from
+    the latest checkpoint; see :func:`jaxsync.train.train_and_evaluate` for the layout and errors.
+    """
+    validate(cfg)
+    ckpt = sync_train._open_workdir(cfg)
+    start = _resume_step(cfg, ckpt)
+    writers = []
     try:
-        run = _run_emulated if cfg.mode == "emulated" else _run_threads
-        summary = run(cfg, ds, params, tx, loss_fn, evaluate, writer)
-        writer.write(summary)
+        ds = data.load_dataset(cfg.dataset, cfg.seed, cfg.data_dir)
+        if cfg.batch_size > len(ds.x_train):
+            raise ConfigError(
+                f"--batch_size={cfg.batch_size} exceeds the {len(ds.x_train)} "
+                f"training examples of {cfg.dataset}"
+            )
+        model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
+        loss_fn = losses.make_loss_fn(model.apply, ds.task)
+        tx = optim.make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
+        params = jax.jit(lambda r, x: model.init(r, x)["params"])(
+            jax.random.key(cfg.seed), jnp.asarray(ds.x_train[:1])
+        )
+        eval_fn = make_eval_fn(loss_fn)
+        evaluate = lambda p: eval_fn(p, ds.x_test, ds.y_test)
+        writers = sync_train._open_writers(cfg, start)
+        if cfg.mode == "emulated":
+            if cfg.max_nonfinite:  # skipped inside the jitted update, on the averaged gradient
+                tx = optax.apply_if_finite(tx, cfg.max_nonfinite)
+            summary = _run_emulated(cfg, ds, params, tx, loss_fn, evaluate, writers, ckpt, start)
+        else:
+            summary = _run_threads(cfg, ds, params, tx, loss_fn, evaluate, writers[0])
+        writers[0].write(summary)
     finally:
-        writer.close()
+        for w in writers:
+            w.close()
+        if ckpt is not None:
+            ckpt.close()
     return summary
 
 
-def _flat_eval(m) -> dict:
-    out = {"loss": m["loss"], **m["aux"]}
-    return {f"eval_{k}": float(v) for k, v in to_python(out).items()}
+def _flat(config: dict) -> dict:
+    """The ASYNC_IDENTITY_FIELDS of a config dict, flat (``staleness.num_workers``)."""
+    out = {}
+    for k in ASYNC_IDENTITY_FIELDS:
+        v = config.get(k)
+        out.update({f"{k}.{sub}": x for sub, x in v.items()} if isinstance(v, dict) else {k: v})
+    return out
+
+
+def _resume_step(cfg: AsyncConfig, ckpt) -> int:
+    """jaxsync.train's resume checks, then the asynchronous fields of ASYNC_IDENTITY_FIELDS."""
+    start = sync_train._resume_step(cfg, ckpt)
+    if not start:
+        return 0
+    saved = _flat(ckpt.read_meta(start).get("config", {}))
+    now = _flat(sync_train._config_json(cfg))
+    diff = [k for k in now if now[k] != saved.get(k)]
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"{ckpt.directory}/{start} comes from a different run (--{k}={saved.get(k)} there, "
+            f"{now[k]} now); use the same flags or a new --workdir"
+        )
+    return start
 
 
 def _base_summary(cfg, steps, final_loss, eval_metrics, times, params, taus) -> dict:
     taus = np.asarray(taus)
     return {
         "summary": True,
-        "strategy": "async_ps",
+        "strategy": cfg.strategy,
         "mode": cfg.mode,
         "num_workers": cfg.staleness.num_workers,
         "staleness_model": cfg.staleness.model if cfg.mode == "emulated" else "measured",
@@ -151,53 +231,114 @@ def _base_summary(cfg, steps, final_loss, eval_metrics, times, params, taus) -> 
 
 
 def _chunk_batches(ds, cfg, first_update: int, count: int):
-    """Host batches for updates ``first_update…+count`` with leading axes (count, n_push)."""
+    """Host batches for updates ``first_update…+count`` with leading axes (count, n_push).
+
+    Fault injection: an update in ``cfg.nan_at_steps`` (1-based) gets a NaN in the first example
+    of its first push, so its averaged gradient is NaN.
+    """
     k = cfg.staleness.n_push
     pushes = range(first_update * k, (first_update + count) * k)
     xs, ys = zip(*(ds.batch(p, cfg.batch_size, cfg.seed) for p in pushes), strict=True)
     shape = (count, k)
-    return (np.stack(xs).reshape(shape + xs[0].shape), np.stack(ys).reshape(shape + ys[0].shape))
+    x, y = np.stack(xs).reshape(shape + xs[0].shape), np.stack(ys).reshape(shape + ys[0].shape)
+    poisoned = [u - first_update - 1 for u in cfg.nan_at_steps if 0 < u - first_update <= count]
+    if poisoned:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ConfigError(f"--nan_at_steps needs float inputs; {cfg.dataset} has {x.dtype}")
+        x[poisoned, 0, 0] = np.nan
+    return x, y
 
 
-def _run_emulated(cfg, ds, params, tx, loss_fn, evaluate, writer) -> dict:
+def _next_stop(cfg, done: int, checkpoints: bool) -> int:
+    """The end of the chunk starting after update ``done``: the next multiple of log_every,
+    eval_every or (with a workdir) checkpoint_every, or the last update. The boundaries depend only
+    on the update count, so a resumed run replays the uninterrupted run's chunks exactly."""
+    periods = [cfg.log_every, cfg.eval_every]
+    if checkpoints and cfg.checkpoint_every:
+        periods.append(cfg.checkpoint_every)
+    return min([cfg.steps] + [(done // p + 1) * p for p in periods])
+
+
+def _record(cfg, schedule, metrics, i: int, step: int, eval_metrics, times) -> dict:
+    """The JSONL record of update ``step`` (index ``i`` of its chunk's ``metrics``); staleness is
+    the mean over the updates since the previous record."""
+    first = (step - 1) // cfg.log_every * cfg.log_every
+    record = {
+        "step": step,
+        **{k: v[i] for k, v in metrics.items() if k != "nonfinite_consecutive"},
+        "staleness": float(np.mean(schedule.taus[first:step])),
+        **eval_metrics,
+        "step_time_ms": median_ms(times[-1:]),
+    }
+    if schedule.times is not None:
+        record["sim_time"] = float(schedule.times[step - 1, -1])
+    return record
+
+
+def _first_nonfinite_stop(cfg, metrics) -> int | None:
+    """Index in the chunk of the update that makes ``max_nonfinite`` skipped in a row, if any."""
+    run = metrics.get("nonfinite_consecutive")
+    if not cfg.max_nonfinite or run is None:
+        return None
+    hits = np.flatnonzero(np.asarray(run) >= cfg.max_nonfinite)
+    return int(hits[0]) if hits.size else None
+
+
+def _run_emulated(cfg, ds, params, tx, loss_fn, evaluate, writers, ckpt, start) -> dict:
+    """Updates ``start+1 .. cfg.steps`` chunk by chunk: run, guard, eval, log, checkpoint."""
     schedule = make_schedule(dataclasses.replace(cfg.staleness, seed=cfg.seed), cfg.steps)
     emu = make_emulator(
         loss_fn, tx, int(schedule.taus.max()) + 1, cfg.staleness.n_push, cfg.staleness_aware_lr
     )
-    state = emu.init(params)
-    progress, times, record, eval_metrics = Progress(cfg.steps), [], {}, {}
-    done = 0
+    state, carried = emu.init(params), {}
+    if start:  # the fresh state is the template: the ring buffer's size and the optimizer layout
+        tree, carried = ckpt.restore(start, template={"state": state})
+        state = tree["state"]
+    record, eval_metrics = carried.get("record", {}), carried.get("eval", {})
+    progress, times, compiled, done = Progress(cfg.steps, start_step=start), [], set(), start
     while done < cfg.steps:
-        count = min(cfg.log_every, cfg.steps - done)
+        count = _next_stop(cfg, done, ckpt is not None) - done
         batches = _chunk_batches(ds, cfg, done, count)
         t0 = time.perf_counter()
         state, metrics = jax.block_until_ready(
             emu.run(state, batches, schedule.taus[done : done + count])
         )
-        if done > 0 and count == cfg.log_every:  # the first chunk (and a short last one) compile
+        if count in compiled:  # the first chunk of each length compiles
             times.append((time.perf_counter() - t0) / count)
+        compiled.add(count)
+        metrics = to_python(metrics)
+        bad = _first_nonfinite_stop(cfg, metrics)
+        if bad is not None:  # the chunk's state is dropped: the last checkpoint stays the latest
+            record = _record(cfg, schedule, metrics, bad, done + bad + 1, eval_metrics, times)
+            for w in writers:
+                w.write(record)
+            sync_train._stop_nonfinite(cfg, ckpt, done + bad + 1, writers)
         done += count
-        if done % cfg.eval_every < count or done == cfg.steps:
-            eval_metrics = _flat_eval(evaluate(state.params))
-        last = {k: v[-1] for k, v in to_python(metrics).items()}
-        record = {
-            "step": done,
-            **last,
-            "staleness": float(np.mean(metrics["staleness"])),
-            **eval_metrics,
-            "step_time_ms": median_ms(times[-1:]),
-        }
-        if schedule.times is not None:
-            record["sim_time"] = float(schedule.times[done - 1, -1])
-        writer.write(record)
-        if not cfg.quiet:
-            progress.report(done, record)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            eval_metrics = sync_train._flat_eval(evaluate(state.params))
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            record = _record(cfg, schedule, metrics, count - 1, done, eval_metrics, times)
+            for w in writers:
+                w.write(record)
+            if not cfg.quiet:
+                progress.report(done, record)
+        if ckpt is not None and (
+            done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        ):
+            meta = {"config": sync_train._config_json(cfg), "data_position": done}
+            ckpt.save(done, {"state": state}, {**meta, "record": record, "eval": eval_metrics})
+    return _emulated_summary(cfg, emu, schedule, state, record, eval_metrics, times)
+
+
+def _emulated_summary(cfg, emu, schedule, state, record, eval_metrics, times) -> dict:
     summary = _base_summary(
         cfg, cfg.steps, record.get("loss"), eval_metrics, times, state.params, schedule.taus
     )
     summary["history_size"] = emu.history_size
     if schedule.times is not None:
         summary["sim_time"] = float(schedule.times[-1, -1])
+    if cfg.max_nonfinite:
+        summary["nonfinite_steps"] = record.get("nonfinite_steps", 0)
     return summary
 
 
@@ -233,7 +374,7 @@ def _run_threads(cfg, ds, params, tx, loss_fn, evaluate, writer) -> dict:
                 "step_time_ms": median_ms(np.diff([r.time_s for r in window]).tolist()),
             }
         )
-    eval_metrics = _flat_eval(evaluate(res.params))
+    eval_metrics = sync_train._flat_eval(evaluate(res.params))
     times = np.diff([0.0] + [r.time_s for r in log]).tolist()
     summary = _base_summary(
         cfg,
