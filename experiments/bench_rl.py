@@ -1,0 +1,196 @@
+"""RL benchmark: does PPO / DQN solve CartPole-v1 (quality), and how fast is PPO training (speed)?
+
+Quality: PPO on 1 device (PureJaxRL's configuration) and on 8 devices (1 env × 64 steps each, the
+same 512-step global rollout), DQN on 1 device; 3 seeds each, 500k env steps. "Solved" means the
+mean return of the last 100 episodes reached 475 (CartPole-v1's threshold). Curves go to a PNG.
+
+Speed: env steps/s of a whole PPO training run after compilation (4 envs × 128 steps per device,
+4 epochs, 4 minibatches, 500k env steps), on 1, 2, 4, 8 devices with psum, and ring / ps on the
+most devices. On emulated CPU devices all devices share the same cores, so the scaling column is
+a measure of sync overhead, not of hardware speedup.
+
+  python experiments/bench_rl.py              # full run (tens of minutes on 2 CPU cores)
+  python experiments/bench_rl.py --quick      # 20k env steps, 1 seed: checks the wiring
+"""
+
+import json
+import os
+import time
+
+from absl import flags
+
+from jaxsync import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "Small run (20k env steps, 1 seed) to check the wiring.")
+flags.DEFINE_string("parts", "quality,speed", "Comma-separated parts to run: quality, speed.")
+flags.DEFINE_integer("seeds", 3, "Seeds per quality configuration (>= 1).")
+flags.DEFINE_integer("total_steps", 500_000, "Env steps per run (all devices together).")
+flags.DEFINE_string("speed_devices", "1,2,4,8", "Device counts for the speed table.")
+flags.DEFINE_integer("repeats", 3, "Timed speed runs after compilation (median is reported).")
+flags.DEFINE_string("out", "results/bench_rl", "Output prefix: <out>.json and <out>_curves.png.")
+cli.define_device_flags(default_devices=8)
+
+
+def quality_configs(total_steps):
+    from jaxsync.agents.rl import dqn, ppo
+
+    return {
+        "ppo 1 dev (4 envs x 128)": ("ppo", ppo.PPOConfig(total_steps=total_steps)),
+        "ppo 8 dev psum (8 x 1 env x 64)": (
+            "ppo",
+            ppo.PPOConfig(
+                total_steps=total_steps, num_devices=8, num_envs=1, num_steps=64, strategy="psum"
+            ),
+        ),
+        "dqn 1 dev (10 envs)": ("dqn", dqn.DQNConfig(total_steps=total_steps)),
+    }
+
+
+def run_quality(total_steps, seeds):
+    from jaxsync.agents.rl import runner
+
+    rows, curves = [], {}
+    for name, (agent, cfg) in quality_configs(total_steps).items():
+        result = runner.run_seeds(agent, cfg, seeds)
+        s = runner.summarize(result)
+        m = result["metrics"]
+        curves[name] = (m["env_steps"][0].tolist(), m["mean_return"].tolist())
+        rows.append(
+            {
+                "config": name,
+                **{
+                    k: s[k]
+                    for k in (
+                        "seeds_solved",
+                        "solved_at_per_seed",
+                        "final_mean_return_per_seed",
+                        "best_mean_return_per_seed",
+                        "total_env_steps_per_s",
+                        "compile_s",
+                        "run_s",
+                    )
+                },
+            }
+        )
+        print(f"done: {name}", flush=True)
+    return rows, curves
+
+
+def run_speed(total_steps, devices, repeats):
+    """Compile every configuration first, then time them round-robin, so that load from other
+    processes on a shared machine falls on all configurations alike; median of ``repeats``."""
+    import numpy as np
+
+    from jaxsync.agents.rl import ppo, runner
+
+    plan = [(1, "single")] + [(n, "psum") for n in devices if n > 1]
+    plan += [(max(devices), s) for s in ("ring", "ps") if max(devices) > 1]
+    cfgs = [ppo.PPOConfig(total_steps=total_steps, num_devices=n, strategy=s) for n, s in plan]
+    compiled = [runner.compile_train("ppo", cfg, 1) for cfg in cfgs]
+    times = [[] for _ in cfgs]
+    for _ in range(repeats):
+        for i, (run, _) in enumerate(compiled):
+            t0 = time.perf_counter()
+            run()
+            times[i].append(time.perf_counter() - t0)
+    rows = []
+    for cfg, (_, compile_s), t in zip(cfgs, compiled, times, strict=True):
+        run_s = float(np.median(t))
+        steps = cfg.num_updates * cfg.steps_per_update
+        rows.append(
+            {
+                "devices": cfg.num_devices,
+                "strategy": cfg.strategy,
+                "envs": cfg.num_envs * cfg.num_devices,
+                "updates": cfg.num_updates,
+                "env_steps": steps,
+                "env_steps_per_s": steps / run_s,
+                "run_s": run_s,
+                "compile_s": compile_s,
+                "run_s_all": t,
+            }
+        )
+    base = rows[0]["env_steps_per_s"]
+    for row in rows:
+        row["vs_1_device"] = row["env_steps_per_s"] / base
+    return rows
+
+
+def plot_curves(curves, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (name, (steps, returns)) in zip(axes[0], curves.items(), strict=False):
+        for i, r in enumerate(returns):
+            ax.plot(steps, r, label=f"seed {i}")
+        ax.axhline(475, color="k", ls="--", lw=0.8, label="solved (475)")
+        ax.set(
+            title=name, xlabel="env steps", ylabel="mean return, last 100 episodes", ylim=(0, 520)
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_tables(quality, speed):
+    if quality:
+        print(
+            "\n| config | seeds solved | solved at (env steps) | final mean return | best "
+            "| env steps/s (all seeds) | compile s |\n|---|---|---|---|---|---|---|"
+        )
+        for r in quality:
+            fin = ", ".join(f"{x:.0f}" for x in r["final_mean_return_per_seed"])
+            best = ", ".join(f"{x:.0f}" for x in r["best_mean_return_per_seed"])
+            print(
+                f"| {r['config']} | {r['seeds_solved']}/{len(fin.split(','))} | "
+                f"{r['solved_at_per_seed']} | {fin} | {best} | "
+                f"{r['total_env_steps_per_s']:,.0f} | {r['compile_s']:.0f} |"
+            )
+    if speed:
+        print(
+            "\n| devices | strategy | envs | updates | env steps/s | vs 1 device | run s "
+            "| compile s |\n|---|---|---|---|---|---|---|---|"
+        )
+        for r in speed:
+            print(
+                f"| {r['devices']} | {r['strategy']} | {r['envs']} | {r['updates']} | "
+                f"{r['env_steps_per_s']:,.0f} | {r['vs_1_device']:.2f} | {r['run_s']:.1f} | "
+                f"{r['compile_s']:.0f} |"
+            )
+
+
+def main(argv):
+    cli.init_runtime()
+    from jaxsync import ConfigError
+
+    parts = set(FLAGS.parts.split(","))
+    if not parts <= {"quality", "speed"}:
+        raise ConfigError(f"--parts must be from quality,speed; got {FLAGS.parts!r}")
+    total = 20_480 if FLAGS.quick else FLAGS.total_steps
+    seeds = 1 if FLAGS.quick else FLAGS.seeds
+    devices = [int(d) for d in FLAGS.speed_devices.split(",")]
+    quality, curves = run_quality(total, seeds) if "quality" in parts else ([], {})
+    speed = run_speed(total, devices, FLAGS.repeats) if "speed" in parts else []
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out + ".json", "w", encoding="utf-8") as f:
+        json.dump(
+            {
+                "total_steps": total,
+                "seeds": seeds,
+                "quality": quality,
+                "speed": speed,
+                "curves": curves,
+            },
+            f,
+        )
+    if curves:
+        plot_curves(curves, FLAGS.out + "_curves.png")
+    print_tables(quality, speed)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,114 @@
+"""Data-parallel RL: every device runs its own environments, gradients go through a sync backend.
+
+A whole training run ``device_train(rng)`` is written once with a named axis and runs under
+``jax.shard_map`` (``check_vma=False``, see DESIGN.md "Known traps") over N devices; with strategy
+``single`` it runs as is on one device. Environments are indexed globally: device ``d`` of N with
+E envs each owns global envs ``d·E … d·E+E−1`` and draws their keys from the same split as a
+single device running all N·E envs, so N devices × E envs is the same algorithm as 1 device ×
+N·E envs (equal up to float summation order; the parity test checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from jaxsync import ConfigError
+from jaxsync.mesh import DATA_AXIS, make_mesh
+from jaxsync.parallel.common import apply_optimizer
+from jaxsync.sync import BACKENDS, SyncBackend, make_backend
+
+STRATEGIES = ("single", *BACKENDS)
+
+
+def check_strategy(strategy: str, num_devices: int) -> None:
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
+    if num_devices < 1:
+        raise ConfigError(f"--num_devices must be >= 1, got {num_devices}")
+    if strategy == "single" and num_devices != 1:
+        raise ConfigError(f"--strategy=single runs on one device, got --num_devices={num_devices}")
+
+
+def make_sync(strategy: str, tx, axis_name: str | None) -> SyncBackend:
+    """The sync backend for ``strategy``; ``single`` applies ``tx`` to the local gradient."""
+    if strategy == "single":
+        return SyncBackend("single", tx.init, lambda g, s, p: apply_optimizer(tx, g, s, p))
+    return make_backend(strategy, tx, axis_name)
+
+
+def device_index(axis_name: str | None):
+    return 0 if axis_name is None else lax.axis_index(axis_name)
+
+
+def pmean(tree, axis_name: str | None):
+    """Mean over devices of a pytree of same-dtype arrays, as *one* all-reduce.
+
+    One collective rather than one per leaf: independent collectives may be started in different
+    orders on different emulated CPU devices, and every extra rendezvous costs a thread wake-up.
+    """
+    if axis_name is None:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    flat = lax.pmean(jnp.concatenate([jnp.ravel(x) for x in leaves]), axis_name)
+    sizes = np.cumsum([x.size for x in leaves])[:-1]
+    return treedef.unflatten(
+        [p.reshape(x.shape) for p, x in zip(jnp.split(flat, sizes), leaves, strict=False)]
+    )
+
+
+def local_keys(key, num_local: int, num_devices: int, axis_name: str | None):
+    """This device's E keys out of ``split(key, N·E)`` (the keys of its global envs)."""
+    keys = jax.random.split(key, num_local * num_devices)
+    start = device_index(axis_name) * num_local
+    return lax.dynamic_slice_in_dim(keys, start, num_local)
+
+
+def gather_envs(x, axis_name: str | None, axis: int = 1):
+    """All devices' values of one array along its env axis, in global env order (identity on one
+    device)."""
+    if axis_name is None:
+        return x
+    return lax.all_gather(x, axis_name, axis=axis, tiled=True)
+
+
+def after(first, then):
+    """``then``, made to depend on ``first`` so a collective in ``first`` runs before any in the
+    computation that consumes ``then``.
+
+    XLA's CPU runtime runs independent operations concurrently; two independent collectives can
+    then start in different orders on different devices, and the emulated devices deadlock, each
+    blocked in a different rendezvous (seen with 8 devices and vmapped seeds).
+    """
+    _, then = lax.optimization_barrier((first, then))
+    return then
+
+
+def run_data_parallel(
+    device_train: Callable,
+    strategy: str,
+    num_devices: int,
+    axis_name: str = DATA_AXIS,
+    vmap_seeds: bool = False,
+) -> Callable:
+    """Wrap ``device_train(rng) -> outputs`` to run on ``num_devices`` devices.
+
+    The key is replicated, so every device initialises the same parameters; outputs are taken
+    from device 0 (parameters are identical on all devices after every sync, metrics are
+    reduced over the axis inside ``device_train``). With ``vmap_seeds`` the result takes a batch
+    of keys ``[S, 2]`` and trains S independent seeds at once.
+
+    The seed ``vmap`` goes *inside* ``shard_map``: ``vmap(shard_map(...))`` of this program hung
+    on emulated CPU devices with jax 0.10.2 (no rendezvous warning, all threads idle).
+    """
+    check_strategy(strategy, num_devices)
+    fn = jax.vmap(device_train) if vmap_seeds else device_train
+    if strategy == "single":
+        return fn
+    mesh = make_mesh(num_devices, (axis_name,))
+    return jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)

@@ -1,0 +1,314 @@
+"""PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"), compiled end to end.
+
+``make_train(cfg) -> train(rng)`` in the manner of PureJaxRL (Lu et al. 2022, "Discovered Policy
+Optimisation"): the rollout and the epochs × minibatches of updates run inside ``lax.scan``, so one
+call to the jitted ``train`` is a whole run. The loss, GAE, advantage normalisation and minibatch
+construction are module-level functions that tests call on their own.
+
+Data parallelism: each device steps its own E environments; the gradient of each minibatch goes
+through a sync backend (``psum`` | ``ring`` | ``ps``). Minibatches are stratified by environment
+(each env contributes T/M random time steps to every minibatch) and advantages are normalised with
+statistics over all devices, so N devices × E envs computes exactly the PPO update of one device
+with N·E envs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxsync import ConfigError
+from jaxsync.agents.rl import envs as envs_lib
+from jaxsync.agents.rl import parallel
+from jaxsync.agents.rl.networks import ActorCritic
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO settings; defaults are PureJaxRL's CartPole-v1 configuration. ``num_envs`` is per device,
+    ``total_steps`` counts env steps over all devices."""
+
+    env: str = "CartPole-v1"
+    num_envs: int = 4
+    num_steps: int = 128
+    total_steps: int = 500_000
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    learning_rate: float = 2.5e-4
+    anneal_lr: bool = True
+    hidden: int = 64
+    activation: str = "tanh"
+    num_devices: int = 1
+    strategy: str = "single"
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.num_envs * self.num_steps * self.num_devices
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // self.steps_per_update
+
+
+def validate(cfg: PPOConfig) -> None:
+    parallel.check_strategy(cfg.strategy, cfg.num_devices)
+    for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.num_steps % cfg.num_minibatches:
+        raise ConfigError(
+            f"--num_steps ({cfg.num_steps}) must be divisible by "
+            f"--num_minibatches ({cfg.num_minibatches})"
+        )
+    if cfg.num_updates < 1:
+        raise ConfigError(
+            f"--total_steps ({cfg.total_steps}) is below one update "
+            f"({cfg.steps_per_update} env steps)"
+        )
+    if cfg.activation not in ("tanh", "relu"):
+        raise ConfigError(f"unknown activation {cfg.activation!r}; choose tanh or relu")
+
+
+class Transition(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array
+    done: jax.Array
+    returned_episode: jax.Array
+    episode_return: jax.Array
+
+
+class Batch(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    advantage: jax.Array
+    target: jax.Array
+
+
+def gae(rewards, values, dones, last_value, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016), time-major ``[T, ...]``.
+
+    δ_t = r_t + γ V(s_{t+1})(1 − d_t) − V(s_t),  A_t = δ_t + γλ(1 − d_t) A_{t+1},
+    where d_t marks the last transition of an episode and V(s_T) = ``last_value``.
+    Returns ``(advantages, value targets A_t + V(s_t))``.
+    """
+
+    def back(carry, x):
+        next_adv, next_value = carry
+        r, v, d = x
+        nonterminal = 1.0 - d.astype(jnp.float32)
+        delta = r + gamma * next_value * nonterminal - v
+        adv = delta + gamma * lam * nonterminal * next_adv
+        return (adv, v), adv
+
+    init = (jnp.zeros_like(last_value), last_value)
+    _, adv = lax.scan(back, init, (rewards, values, dones), reverse=True)
+    return adv, adv + values
+
+
+def normalize_advantages(adv, axis_name: str | None = None, eps: float = 1e-8):
+    """(A − mean) / (std + eps) per minibatch, statistics over the minibatch on all devices.
+
+    ``adv`` is ``[..., B]``: each row (a minibatch) is normalised on its own, with one all-reduce
+    for all rows (std from E[A²] − E[A]², which is fine for advantages of moderate size).
+    """
+    stats = jnp.stack([adv.mean(-1), jnp.square(adv).mean(-1)])
+    mean, mean_sq = parallel.pmean(stats, axis_name)
+    std = jnp.sqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0))
+    return (adv - mean[..., None]) / (std[..., None] + eps)
+
+
+def ppo_loss(params, apply_fn, batch: Batch, clip_eps: float, vf_coef: float, ent_coef: float):
+    """Clipped PPO objective (to minimise) with a clipped value loss and an entropy bonus.
+
+    ρ = π(a|s)/π_old(a|s);  L_π = −mean(min(ρA, clip(ρ, 1−ε, 1+ε)A));
+    L_V = ½ mean(max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²));
+    L = L_π + c_V L_V − c_H mean(H[π(·|s)]).  ``batch.advantage`` is already normalised.
+    """
+    logits, value = apply_fn({"params": params}, batch.obs)
+    log_probs = jax.nn.log_softmax(logits)
+    log_prob = jnp.take_along_axis(log_probs, batch.action[..., None], -1)[..., 0]
+    ratio = jnp.exp(log_prob - batch.log_prob)
+    adv = batch.advantage
+    actor = -jnp.mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * adv))
+    v_clipped = batch.value + jnp.clip(value - batch.value, -clip_eps, clip_eps)
+    critic = 0.5 * jnp.mean(
+        jnp.maximum(jnp.square(value - batch.target), jnp.square(v_clipped - batch.target))
+    )
+    entropy = -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, -1))
+    total = actor + vf_coef * critic - ent_coef * entropy
+    return total, {
+        "actor_loss": actor,
+        "value_loss": critic,
+        "entropy": entropy,
+        "approx_kl": jnp.mean(batch.log_prob - log_prob),
+        "clip_frac": jnp.mean(jnp.abs(ratio - 1) > clip_eps),
+    }
+
+
+def make_minibatches(batch, perms, num_minibatches: int):
+    """Shuffle each env's T steps by ``perms [E, T]`` and cut into M minibatches of E·T/M.
+
+    Minibatch j holds time steps ``perms[e, j·T/M:(j+1)·T/M]`` of every env e, so its contents do
+    not depend on how envs are split over devices. Input leaves ``[T, E, ...]``, output
+    ``[M, E·T/M, ...]``.
+    """
+
+    def cut(x):
+        t, e = x.shape[:2]
+        x = jnp.swapaxes(x, 0, 1)
+        idx = perms.reshape(perms.shape + (1,) * (x.ndim - 2))
+        x = jnp.take_along_axis(x, idx, axis=1)
+        x = x.reshape((e, num_minibatches, t // num_minibatches) + x.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape((num_minibatches, -1) + x.shape[3:])
+
+    return jax.tree.map(cut, batch)
+
+
+def make_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then Adam (ε = 1e-5) with a per-update linear decay to 0."""
+    per_update = cfg.update_epochs * cfg.num_minibatches
+
+    def schedule(count):
+        return cfg.learning_rate * (1.0 - (count // per_update) / cfg.num_updates)
+
+    lr = schedule if cfg.anneal_lr else cfg.learning_rate
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
+
+
+class _Ctx(NamedTuple):
+    cfg: PPOConfig
+    env: Any
+    env_params: Any
+    net: ActorCritic
+    sync: Any
+    axis: str | None
+
+
+class RunnerState(NamedTuple):
+    params: Any
+    opt_state: Any
+    env_state: Any
+    obs: jax.Array
+    window: envs_lib.ReturnWindow
+    rng: jax.Array
+
+
+def _env_step(ctx: _Ctx, carry, _):
+    params, env_state, obs, rng = carry
+    cfg = ctx.cfg
+    rng, k_act, k_env = jax.random.split(rng, 3)
+    logits, value = ctx.net.apply({"params": params}, obs)
+    act_keys = parallel.local_keys(k_act, cfg.num_envs, cfg.num_devices, ctx.axis)
+    action = jax.vmap(jax.random.categorical)(act_keys, logits)
+    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], -1)[:, 0]
+    env_keys = parallel.local_keys(k_env, cfg.num_envs, cfg.num_devices, ctx.axis)
+    step = jax.vmap(partial(envs_lib.stats_step, ctx.env), in_axes=(0, 0, 0, None))
+    next_obs, env_state, reward, done, info = step(env_keys, env_state, action, ctx.env_params)
+    t = Transition(
+        obs, action, log_prob, value, reward, done, info["returned_episode"], info["episode_return"]
+    )
+    return (params, env_state, next_obs, rng), t
+
+
+def _minibatch_step(ctx: _Ctx, carry, mb: Batch):
+    params, opt_state = carry
+    cfg = ctx.cfg
+    loss_fn = partial(
+        ppo_loss,
+        apply_fn=ctx.net.apply,
+        batch=mb,
+        clip_eps=cfg.clip_eps,
+        vf_coef=cfg.vf_coef,
+        ent_coef=cfg.ent_coef,
+    )
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    params, opt_state = ctx.sync.update(grads, opt_state, params)
+    return (params, opt_state), {"loss": loss, **metrics}
+
+
+def _epoch(ctx: _Ctx, batch: Batch, carry, _):
+    params, opt_state, rng = carry
+    cfg = ctx.cfg
+    rng, k_perm = jax.random.split(rng)
+    perm_keys = parallel.local_keys(k_perm, cfg.num_envs, cfg.num_devices, ctx.axis)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, cfg.num_steps))(perm_keys)
+    mbs = make_minibatches(batch, perms, cfg.num_minibatches)
+    # Normalise all minibatches of the epoch at once: one all-reduce instead of one per minibatch.
+    mbs = mbs._replace(advantage=normalize_advantages(mbs.advantage, ctx.axis))
+    (params, opt_state), metrics = lax.scan(partial(_minibatch_step, ctx), (params, opt_state), mbs)
+    return (params, opt_state, rng), metrics
+
+
+def _update(ctx: _Ctx, rs: RunnerState, update_idx):
+    cfg = ctx.cfg
+    (_, env_state, obs, rng), traj = lax.scan(
+        partial(_env_step, ctx), (rs.params, rs.env_state, rs.obs, rs.rng), None, cfg.num_steps
+    )
+    _, last_value = ctx.net.apply({"params": rs.params}, obs)
+    adv, target = gae(traj.reward, traj.value, traj.done, last_value, cfg.gamma, cfg.gae_lambda)
+    batch = Batch(traj.obs, traj.action, traj.log_prob, traj.value, adv, target)
+    # One all-gather of (return, finished) rather than two, ordered before the updates' all-reduces.
+    finished = jnp.stack([traj.episode_return, traj.returned_episode.astype(jnp.float32)], -1)
+    finished = parallel.gather_envs(finished, ctx.axis)
+    window = envs_lib.window_update(rs.window, finished[..., 0], finished[..., 1] > 0)
+    batch, rng = parallel.after(finished, (batch, rng))
+    (params, opt_state, rng), metrics = lax.scan(
+        partial(_epoch, ctx, batch), (rs.params, rs.opt_state, rng), None, cfg.update_epochs
+    )
+    metrics = parallel.pmean(
+        jax.tree.map(lambda m: jnp.mean(m, dtype=jnp.float32), metrics), ctx.axis
+    )
+    metrics.update(
+        env_steps=(update_idx + 1) * cfg.steps_per_update,
+        mean_return=envs_lib.window_mean(window),
+        episodes=window.count,
+    )
+    return RunnerState(params, opt_state, env_state, obs, window, rng), metrics
+
+
+def make_train(cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: bool = False):
+    """Build ``train(rng) -> (params, metrics)`` for ``cfg``; jit it (and vmap it over seeds).
+
+    ``metrics`` holds one entry per update: ``env_steps`` (all devices), ``mean_return`` (mean of
+    the last 100 finished episodes over all devices; NaN before the first), ``episodes``, and the
+    loss terms averaged over epochs, minibatches and devices.
+    """
+    validate(cfg)
+    env, env_params = envs_lib.make_env(cfg.env)
+    net = ActorCritic(env.action_space(env_params).n, cfg.hidden, cfg.activation)
+    axis = None if cfg.strategy == "single" else axis_name
+    ctx = _Ctx(
+        cfg, env, env_params, net, parallel.make_sync(cfg.strategy, make_optimizer(cfg), axis), axis
+    )
+
+    def device_train(rng):
+        rng, k_init, k_reset = jax.random.split(rng, 3)
+        obs_shape = env.observation_space(env_params).shape
+        params = net.init(k_init, jnp.zeros(obs_shape, jnp.float32))["params"]
+        reset_keys = parallel.local_keys(k_reset, cfg.num_envs, cfg.num_devices, axis)
+        reset = jax.vmap(partial(envs_lib.stats_reset, env), in_axes=(0, None))
+        obs, env_state = reset(reset_keys, env_params)
+        rs = RunnerState(params, ctx.sync.init(params), env_state, obs, envs_lib.window_init(), rng)
+        rs, metrics = lax.scan(partial(_update, ctx), rs, jnp.arange(cfg.num_updates))
+        return rs.params, metrics
+
+    return parallel.run_data_parallel(
+        device_train, cfg.strategy, cfg.num_devices, axis_name, vmap_seeds
+    )
