@@ -1,0 +1,1 @@
+"""Reinforcement-learning agents: pure-JAX environments, PPO and DQN, data-parallel."""
