@@ -1,0 +1,104 @@
+"""Data-parallel GAN training on the mode-collapse benchmarks (ring8, grid25) and 8x8 digits.
+
+Default: the 8-Gaussian ring (PacGAN's setup, σ = 0.01), PacGAN2 + R1, psum over 8 emulated CPU
+devices, 3,000 steps (about a minute on a 2-core laptop); expect all 8 modes, ~90 % high quality:
+
+  python experiments/train_gan.py --metrics_file=runs/gan_ring8.jsonl --plot_dir=runs/gan_plots
+
+The 5x5 grid (σ = 0.05) needs a stronger, faster discriminator and more steps; with R1 alone
+expect 25 modes and ~75 % high quality after 8,000 steps (--remedy=none drops modes):
+
+  python experiments/train_gan.py --dataset=grid25 --remedy=r1 --steps=8000 --d_lr=4e-3 \
+      --d_width=256 --d_depth=3 --log_every=1000
+
+The digits with a conv pair on the ring all-reduce:
+
+  python experiments/train_gan.py --dataset=digits --net=conv --strategy=ring --steps=2000
+
+The summary line gives modes captured, % high-quality samples and the reverse KL (toys), or
+classes covered, mean classifier confidence and the class-histogram KL (digits).
+"""
+
+from absl import flags
+
+from jaxsync import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", "ring8", "Real data: ring8 | grid25 | digits (needs scikit-learn).")
+flags.DEFINE_string("net", "mlp", "Networks: mlp | conv (conv for --dataset=digits only).")
+flags.DEFINE_integer(
+    "width", 0, "Generator hidden width (mlp) or channels (conv); 0 picks 128 / 32."
+)
+flags.DEFINE_integer("d_width", 0, "Discriminator width or channels; 0: as --width.")
+flags.DEFINE_integer("d_depth", 2, "Discriminator hidden layers, mlp only (>= 1).")
+flags.DEFINE_integer("latent_dim", 0, "Latent z dimension; 0 picks 2 for the toys, 32 for digits.")
+flags.DEFINE_string("strategy", "psum", "Gradient sync for both nets: single | psum | ring | ps.")
+flags.DEFINE_integer("steps", 3000, "Training steps, each one D update then one G update (>= 1).")
+flags.DEFINE_integer(
+    "batch_size", 256, "Global batch over all devices (>= 1; divisible by devices × pac)."
+)
+flags.DEFINE_string(
+    "remedy",
+    "pac+r1",
+    "Mode-collapse remedy: none | pac (PacGAN packing) | r1 (R1 gradient penalty) | pac+r1.",
+)
+flags.DEFINE_integer("pac", 2, "PacGAN packing degree m (>= 1) when --remedy has pac.")
+flags.DEFINE_float("r1_gamma", 0.1, "R1 penalty weight γ (>= 0) when --remedy has r1.")
+flags.DEFINE_string("optimizer", "adam", "Optimizer for both nets (jaxsync.optim names).")
+flags.DEFINE_float("g_lr", 1e-3, "Generator peak learning rate (> 0).")
+flags.DEFINE_float("d_lr", 1e-3, "Discriminator peak learning rate (> 0).")
+flags.DEFINE_float("beta1", 0.5, "Adam β1 for both nets, in [0, 1).")
+flags.DEFINE_string(
+    "schedule",
+    "linear",
+    "Learning-rate schedule: constant | linear | cosine (decay to 0 at --steps).",
+)
+flags.DEFINE_integer("seed", 0, "Seed for initialisation, data and latents.")
+flags.DEFINE_integer(
+    "log_every", 500, "Score samples and write a metrics line every this many steps (>= 1)."
+)
+flags.DEFINE_integer(
+    "plot_every", 0, "Save a PNG every this many steps (>= 0; 0: only at the end)."
+)
+flags.DEFINE_string("plot_dir", "results/gan_plots", "Folder for the PNGs; '' for none.")
+flags.DEFINE_string(
+    "metrics_file", None, "JSONL metrics path (one object per logged step, then a summary object)."
+)
+cli.define_device_flags()
+
+
+def main(argv):
+    cli.init_runtime()
+    from jaxsync.agents.gan.train import GANConfig, train_gan
+
+    cfg = GANConfig(
+        dataset=FLAGS.dataset,
+        net=FLAGS.net,
+        width=FLAGS.width,
+        d_width=FLAGS.d_width,
+        d_depth=FLAGS.d_depth,
+        latent_dim=FLAGS.latent_dim,
+        strategy=FLAGS.strategy,
+        num_devices=FLAGS.num_devices,
+        steps=FLAGS.steps,
+        batch_size=FLAGS.batch_size,
+        remedy=FLAGS.remedy,
+        pac=FLAGS.pac,
+        r1_gamma=FLAGS.r1_gamma,
+        optimizer=FLAGS.optimizer,
+        g_lr=FLAGS.g_lr,
+        d_lr=FLAGS.d_lr,
+        beta1=FLAGS.beta1,
+        schedule=FLAGS.schedule,
+        seed=FLAGS.seed,
+        log_every=FLAGS.log_every,
+        plot_every=FLAGS.plot_every,
+        plot_dir=FLAGS.plot_dir,
+        metrics_file=FLAGS.metrics_file,
+    )
+    summary = train_gan(cfg)
+    print("summary " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "summary"))
+
+
+if __name__ == "__main__":
+    cli.run(main)

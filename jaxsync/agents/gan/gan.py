@@ -1,0 +1,287 @@
+"""The GAN: losses, remedies for mode collapse, the alternating step and its data-parallel runner.
+
+Goodfellow et al. 2014, "Generative Adversarial Nets", with the non-saturating generator loss:
+
+  L_D = −E_x log σ(D(x)) − E_z log(1 − σ(D(G(z)))) = E softplus(−D(x)) + E softplus(D(G(z)))
+  L_G = −E_z log σ(D(G(z)))                        = E softplus(−D(G(z)))
+
+One step alternates: a discriminator update on (x, G(z)), then a generator update against the
+*new* discriminator, each network with its own optax optimizer. Remedies, by flag:
+
+- PacGAN packing (Lin et al. 2018): D judges m samples at once, all real or all generated, which
+  penalises a generator that drops modes. ``pac = 1`` is the plain GAN.
+- R1 gradient penalty (Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do
+  actually Converge?"): L_D += γ/2 · E_x ‖∇_x D(x)‖² on real data, which damps the oscillation
+  around the equilibrium that lets the generator hop between modes.
+
+Data parallelism: the per-device step is written once with a named axis; each network's local
+gradient is synchronised by its own :mod:`jaxsync.sync` backend (``psum`` | ``ring`` | ``ps``)
+inside ``jax.shard_map(check_vma=False)`` (DESIGN.md, "Known traps"). Every device draws the same
+global batch from ``(key, step)`` and keeps its slice, so N devices match one device step for step.
+Steps run in chunks under ``lax.scan`` so a chunk is one dispatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsync import ConfigError
+from jaxsync.agents.gan.data import RealData
+from jaxsync.mesh import DATA_AXIS, make_mesh
+from jaxsync.parallel.common import apply_optimizer
+from jaxsync.sync import make_backend
+
+
+class GANState(NamedTuple):
+    """Both networks' parameters and optimizer states (per device under ``ps``)."""
+
+    step: jax.Array
+    g_params: Any
+    d_params: Any
+    g_opt: Any
+    d_opt: Any
+
+
+class GANParts(NamedTuple):
+    """What a GAN step needs besides the state: networks, data, optimizers and remedies."""
+
+    gen: nn.Module
+    disc: nn.Module
+    data: RealData
+    g_tx: optax.GradientTransformation
+    d_tx: optax.GradientTransformation
+    batch_size: int  # global batch over all devices
+    latent_dim: int
+    pac: int = 1  # PacGAN packing degree m; 1 = plain GAN
+    r1_gamma: float = 0.0  # R1 weight γ; 0 disables
+
+
+def discriminator_loss(real_logits, fake_logits):
+    """L_D = E softplus(−D(x)) + E softplus(D(G(z))) (the GAN cross-entropy on logits)."""
+    return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def generator_loss(fake_logits):
+    """Non-saturating L_G = E softplus(−D(G(z))) = −E log σ(D(G(z)))."""
+    return jnp.mean(jax.nn.softplus(-fake_logits))
+
+
+def r1_penalty(d_fn: Callable, x):
+    """E_x ‖∇_x D(x)‖² over the (packed) real inputs ``x``; D acts per example, so one grad of
+    Σ D(x) gives every example's input gradient."""
+    grads = jax.grad(lambda v: jnp.sum(d_fn(v)))(x)
+    return jnp.mean(jnp.sum(grads.reshape((x.shape[0], -1)) ** 2, axis=1))
+
+
+def pack(x, m: int):
+    """PacGAN packing: ``m`` consecutive samples become one D input.
+
+    Vectors ``(B, d) -> (B/m, m·d)``; images ``(B, H, W) -> (B/m, H, W, m)`` (samples as channels).
+    """
+    if m == 1:
+        return x
+    grouped = x.reshape((x.shape[0] // m, m) + x.shape[1:])
+    if x.ndim == 2:
+        return grouped.reshape((grouped.shape[0], -1))
+    return jnp.moveaxis(grouped, 1, -1)
+
+
+def gan_step(parts: GANParts, d_update, g_update, state: GANState, batch):
+    """One alternating step on this device's ``batch = (x, z)``.
+
+    ``d_update`` / ``g_update``: ``(local_grads, opt_state, params) -> (params, opt_state)``, a
+    sync backend's update or, on one device, the plain optimizer.
+    """
+    x, z = batch
+    d_fn = lambda p, v: parts.disc.apply({"params": p}, v)
+    fake = parts.gen.apply({"params": state.g_params}, z)
+
+    def d_objective(d_params):
+        real_in = pack(x, parts.pac)
+        real_logits = d_fn(d_params, real_in)
+        fake_logits = d_fn(d_params, pack(fake, parts.pac))
+        loss = discriminator_loss(real_logits, fake_logits)
+        r1 = r1_penalty(partial(d_fn, d_params), real_in) if parts.r1_gamma else jnp.zeros(())
+        aux = {
+            "d_loss": loss,
+            "r1": r1,
+            "d_real": jnp.mean(jax.nn.sigmoid(real_logits)),
+            "d_fake": jnp.mean(jax.nn.sigmoid(fake_logits)),
+        }
+        return loss + 0.5 * parts.r1_gamma * r1, aux
+
+    d_grads, d_metrics = jax.grad(d_objective, has_aux=True)(state.d_params)
+    d_params, d_opt = d_update(d_grads, state.d_opt, state.d_params)
+
+    def g_objective(g_params):
+        fake = parts.gen.apply({"params": g_params}, z)
+        return generator_loss(d_fn(d_params, pack(fake, parts.pac)))
+
+    g_loss, g_grads = jax.value_and_grad(g_objective)(state.g_params)
+    g_params, g_opt = g_update(g_grads, state.g_opt, state.g_params)
+    new = GANState(state.step + 1, g_params, d_params, g_opt, d_opt)
+    return new, {**d_metrics, "g_loss": g_loss}
+
+
+def global_batch(parts: GANParts, key, step):
+    """Global batch ``step``: real x and latent z, a function of ``(key, step)`` only."""
+    kx, kz = jax.random.split(jax.random.fold_in(key, step))
+    z = jax.random.normal(kz, (parts.batch_size, parts.latent_dim))
+    return parts.data.sample(kx, parts.batch_size), z
+
+
+def local_slice(batch, axis_name: str | None):
+    """This device's contiguous slice of the global batch (all of it when ``axis_name`` is None)."""
+    if axis_name is None:
+        return batch
+    n, i = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    return jax.tree.map(
+        lambda a: lax.dynamic_slice_in_dim(a, i * (a.shape[0] // n), a.shape[0] // n), batch
+    )
+
+
+def make_run_chunk(parts: GANParts, d_update, g_update, axis_name: str | None = None):
+    """``run(state, key, num_steps) -> (state, metrics)``: ``num_steps`` steps under ``lax.scan``;
+    metrics are chunk means (and means over devices when ``axis_name`` is set)."""
+
+    def run(state, key, num_steps):
+        def body(s, _):
+            return gan_step(
+                parts,
+                d_update,
+                g_update,
+                s,
+                local_slice(global_batch(parts, key, s.step), axis_name),
+            )
+
+        state, metrics = lax.scan(body, state, None, length=num_steps)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        return state, (lax.pmean(metrics, axis_name) if axis_name else metrics)
+
+    return run
+
+
+def init_gan_state(parts: GANParts, rng) -> GANState:
+    """Initialise both networks (D on a packed input) and their optimizer states on one device."""
+    kg, kd = jax.random.split(rng)
+    z = jnp.zeros((parts.pac, parts.latent_dim))
+    g_params = parts.gen.init(kg, z)["params"]
+    x = pack(jnp.zeros((parts.pac,) + parts.data.shape), parts.pac)
+    d_params = parts.disc.init(kd, x)["params"]
+    return GANState(
+        jnp.zeros((), jnp.int32),
+        g_params,
+        d_params,
+        parts.g_tx.init(g_params),
+        parts.d_tx.init(d_params),
+    )
+
+
+def single_updates(parts: GANParts):
+    """(d_update, g_update) on one device: the optimizers, no synchronisation."""
+    return (partial(apply_optimizer, parts.d_tx), partial(apply_optimizer, parts.g_tx))
+
+
+class GANTrainer(NamedTuple):
+    """A GAN strategy as plain functions.
+
+    Attributes:
+      name: ``single`` | ``psum`` | ``ring`` | ``ps``.
+      init: ``rng -> GANState`` placed on the strategy's devices.
+      run: ``(state, key, num_steps) -> (state, metrics)``, jitted, ``num_steps`` static.
+      num_devices: devices the step runs on.
+    """
+
+    name: str
+    init: Callable
+    run: Callable
+    num_devices: int
+
+
+STRATEGIES = ("single", "psum", "ring", "ps")
+
+
+def make_gan_trainer(
+    parts: GANParts, strategy: str, num_devices: int = 1, axis_name: str = DATA_AXIS
+) -> GANTrainer:
+    """Build the GAN runner for ``strategy`` over the first ``num_devices`` devices.
+
+    ``single`` is the one-device reference. The others build one sync backend per network,
+    ``make_backend(strategy, tx, axis_name)``, and run the per-device chunk under shard_map; the
+    ``ps`` backend keeps its optimizer state per device (a leading axis of size N).
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown GAN strategy {strategy!r}; choose from {list(STRATEGIES)}")
+    n = 1 if strategy == "single" else num_devices
+    if parts.batch_size % (n * parts.pac):
+        raise ConfigError(
+            f"--batch_size={parts.batch_size} must be divisible by "
+            f"num_devices × pac = {n} × {parts.pac}"
+        )
+    if strategy == "single":
+        run = make_run_chunk(parts, *single_updates(parts))
+        return GANTrainer(
+            "single",
+            jax.jit(partial(init_gan_state, parts)),
+            jax.jit(run, static_argnums=2, donate_argnums=0),
+            1,
+        )
+    d_sync = make_backend(strategy, parts.d_tx, axis_name)
+    g_sync = make_backend(strategy, parts.g_tx, axis_name)
+    run = make_run_chunk(parts, d_sync.update, g_sync.update, axis_name)
+    mesh = make_mesh(num_devices, (axis_name,))
+    per_device = d_sync.server_state
+    opt_spec = P(axis_name) if per_device else P()
+    spec = GANState(P(), P(), P(), opt_spec, opt_spec)
+
+    def device_run(state, key, num_steps):
+        if per_device:  # per-device optimizer state arrives with a leading axis of size 1
+            state = _map_opt(state, lambda x: x[0])
+        state, metrics = run(state, key, num_steps)
+        return (_map_opt(state, lambda x: x[None]) if per_device else state), metrics
+
+    def run_sharded(state, key, num_steps):
+        f = jax.shard_map(
+            partial(device_run, num_steps=num_steps),
+            mesh=mesh,
+            in_specs=(spec, P()),
+            out_specs=(spec, P()),
+            check_vma=False,
+        )
+        return f(state, key)
+
+    def init(rng):
+        state = jax.jit(partial(init_gan_state, parts))(rng)
+        if per_device:
+            state = _map_opt(state, lambda x: jnp.broadcast_to(x, (num_devices,) + x.shape))
+        shardings = GANState(
+            *(
+                jax.tree.map(lambda _, s=s: NamedSharding(mesh, s), field)
+                for s, field in zip(spec, state, strict=True)
+            )
+        )
+        return jax.device_put(state, shardings)
+
+    return GANTrainer(
+        strategy, init, jax.jit(run_sharded, static_argnums=2, donate_argnums=0), num_devices
+    )
+
+
+def _map_opt(state: GANState, fn) -> GANState:
+    return state._replace(g_opt=jax.tree.map(fn, state.g_opt), d_opt=jax.tree.map(fn, state.d_opt))
+
+
+def generate(parts: GANParts, g_params, key, n: int):
+    """``n`` generator samples from latent ``z ~ N(0, I)`` drawn with ``key``."""
+    z = jax.random.normal(key, (n, parts.latent_dim))
+    return parts.gen.apply({"params": g_params}, z)
