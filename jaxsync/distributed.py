@@ -19,9 +19,7 @@ C++ stack trace:
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import gc
 import os
 import socket
 import sys
@@ -138,16 +136,7 @@ def initialize(cfg: DistributedConfig) -> bool:
         initialization_timeout=cfg.init_timeout_s,
         heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
     )
-    # Runs before JAX's own atexit clean-up (atexit is last-in, first-out). Measured here: a
-    # process that compiled two or more cross-process programs hung at exit, after the shutdown
-    # barrier, unless the compiled programs were released first.
-    atexit.register(_release_compiled)
     return True
-
-
-def _release_compiled() -> None:
-    jax.clear_caches()
-    gc.collect()
 
 
 def _preflight(cfg: DistributedConfig) -> None:

@@ -21,6 +21,7 @@ from jaxsync import (
     checkpoint,
     compression,
     data,
+    distributed,
     losses,
     models,
     optim,
@@ -203,6 +204,8 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     try:
         ds, strategy, evaluate = _build(cfg)
         rng = jax.random.key(cfg.seed)
+        if jax.process_count() > 1:  # Orbax saves only global arrays in a multi-process run
+            rng = distributed.replicate_globally(rng)
         state = strategy.init(rng, jnp.asarray(ds.x_train[:1]))
         carried = {}
         if start:  # the fresh state is the template: the strategy's shardings and layout
@@ -367,7 +370,7 @@ def nonfinite_counts(state) -> tuple[int, int]:
     guards = [s for s in jax.tree.leaves(state, is_leaf=is_guard) if is_guard(s)]
     if not guards:
         return 0, 0
-    g = jax.device_get(guards[0])
+    g = distributed.host_value(guards[0])
     return int(np.max(g.notfinite_count)), int(np.max(g.total_notfinite))
 
 

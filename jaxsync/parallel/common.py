@@ -53,5 +53,12 @@ def init_state(model_init, tx, rng, sample_x) -> TrainState:
 
 
 def param_checksum(params) -> float:
-    """Sum of |p| over all parameters, in float64 on the host: compares runs from the CLI."""
-    return float(sum(np.abs(np.asarray(p, np.float64)).sum() for p in jax.tree.leaves(params)))
+    """Sum of |p| over all parameters, in float64 on the host: compares runs from the CLI.
+
+    Parameters sharded across processes (tensor parallelism) are gathered first, so in a
+    multi-process run every process must call this together.
+    """
+    from jaxsync.distributed import host_value
+
+    leaves = jax.tree.leaves(host_value(params))
+    return float(sum(np.abs(np.asarray(p, np.float64)).sum() for p in leaves))
