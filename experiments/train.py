@@ -58,6 +58,8 @@ cli.define_checkpoint_flags()
 
 def main(argv):
     cli.init_runtime()
+    import jax
+
     from jaxsync.train import TrainConfig, train_and_evaluate
 
     cfg = TrainConfig(
@@ -88,7 +90,8 @@ def main(argv):
         **cli.checkpoint_kwargs_from_flags(),
     )
     summary = train_and_evaluate(cfg)
-    print("summary " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "summary"))
+    if jax.process_index() == 0:
+        print("summary " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "summary"))
 
 
 if __name__ == "__main__":
