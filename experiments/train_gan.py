@@ -15,6 +15,11 @@ The digits with a conv pair on the ring all-reduce:
 
   python experiments/train_gan.py --dataset=digits --net=conv --strategy=ring --steps=2000
 
+Resumable runs: --workdir=runs/gan checkpoints both networks, their optimizer states and the keys
+every --checkpoint_every steps; running the same command again continues from the latest
+checkpoint, bitwise as if never stopped. Updates with NaN/Inf gradients are skipped; after
+--max_nonfinite in a row the run stops, the last checkpoint intact.
+
 The summary line gives modes captured, % high-quality samples and the reverse KL (toys), or
 classes covered, mean classifier confidence and the class-histogram KL (digits).
 """
@@ -65,6 +70,7 @@ flags.DEFINE_string(
     "metrics_file", None, "JSONL metrics path (one object per logged step, then a summary object)."
 )
 cli.define_device_flags()
+cli.define_checkpoint_flags()
 
 
 def main(argv):
@@ -95,6 +101,7 @@ def main(argv):
         plot_every=FLAGS.plot_every,
         plot_dir=FLAGS.plot_dir,
         metrics_file=FLAGS.metrics_file,
+        **cli.checkpoint_kwargs_from_flags(),
     )
     summary = train_gan(cfg)
     print("summary " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "summary"))

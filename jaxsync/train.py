@@ -381,8 +381,8 @@ def _stop_nonfinite(cfg, ckpt, step, writers):
                       "strategy": cfg.strategy, "steps": cfg.steps})
     raise NonFiniteError(
         f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had NaN/Inf gradients and "
-        f"were skipped (--max_nonfinite={cfg.max_nonfinite}); {kept}; try a lower "
-        "--learning_rate or --clip_norm"
+        f"were skipped (--max_nonfinite={cfg.max_nonfinite}); {kept}; try lower "
+        "learning rates or gradient clipping"
     )
 
 

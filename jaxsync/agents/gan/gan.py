@@ -64,6 +64,7 @@ class GANParts(NamedTuple):
     latent_dim: int
     pac: int = 1  # PacGAN packing degree m; 1 = plain GAN
     r1_gamma: float = 0.0  # R1 weight γ; 0 disables
+    nan_at_steps: tuple[int, ...] = ()  # fault injection: these 1-based steps get a NaN latent
 
 
 def discriminator_loss(real_logits, fake_logits):
@@ -134,10 +135,32 @@ def gan_step(parts: GANParts, d_update, g_update, state: GANState, batch):
 
 
 def global_batch(parts: GANParts, key, step):
-    """Global batch ``step``: real x and latent z, a function of ``(key, step)`` only."""
+    """Global batch of the 0-based ``step``: real x and latent z, a function of ``(key, step)``
+    only (``fold_in``), so a resumed run draws exactly the batches of an uninterrupted one.
+
+    Fault injection: at the 1-based steps in ``parts.nan_at_steps`` the first latent is NaN, so
+    G(z) and then both networks' (synchronised) gradients are NaN.
+    """
     kx, kz = jax.random.split(jax.random.fold_in(key, step))
     z = jax.random.normal(kz, (parts.batch_size, parts.latent_dim))
+    if parts.nan_at_steps:
+        poisoned = jnp.isin(step + 1, jnp.asarray(parts.nan_at_steps))
+        z = z.at[0].set(jnp.where(poisoned, jnp.nan, z[0]))
     return parts.data.sample(kx, parts.batch_size), z
+
+
+def guard_counts(opt_states) -> tuple[jax.Array, jax.Array]:
+    """``(consecutive, total)`` skipped updates kept by ``optax.apply_if_finite`` in
+    ``opt_states``, the max over the guards found (G's and D's); zeros without a guard."""
+    is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    guards = [g for g in jax.tree.leaves(opt_states, is_leaf=is_guard) if is_guard(g)]
+    zero = jnp.zeros((), jnp.int32)
+    consecutive = [jnp.max(g.notfinite_count).astype(jnp.int32) for g in guards]
+    total = [jnp.max(g.total_notfinite).astype(jnp.int32) for g in guards]
+    return (
+        jnp.max(jnp.stack(consecutive)) if guards else zero,
+        jnp.max(jnp.stack(total)) if guards else zero,
+    )
 
 
 def local_slice(batch, axis_name: str | None):
@@ -150,23 +173,31 @@ def local_slice(batch, axis_name: str | None):
     )
 
 
+GUARD_KEYS = ("nonfinite_consecutive", "nonfinite_total")  # per-step metrics, not chunk means
+
+
 def make_run_chunk(parts: GANParts, d_update, g_update, axis_name: str | None = None):
-    """``run(state, key, num_steps) -> (state, metrics)``: ``num_steps`` steps under ``lax.scan``;
-    metrics are chunk means (and means over devices when ``axis_name`` is set)."""
+    """``run(state, key, num_steps) -> (state, metrics)``: ``num_steps`` steps under ``lax.scan``.
+
+    Metrics are chunk means (and means over devices when ``axis_name`` is set), except the
+    :data:`GUARD_KEYS`: per step, ``(num_steps,)``, the max over devices (under ``ps`` only the
+    server's optimizer state, and so its guard, is updated), so the host can find the exact step
+    at which too many skipped updates in a row stop the run.
+    """
 
     def run(state, key, num_steps):
         def body(s, _):
-            return gan_step(
-                parts,
-                d_update,
-                g_update,
-                s,
-                local_slice(global_batch(parts, key, s.step), axis_name),
-            )
+            batch = local_slice(global_batch(parts, key, s.step), axis_name)
+            s, m = gan_step(parts, d_update, g_update, s, batch)
+            return s, {**m, **dict(zip(GUARD_KEYS, guard_counts((s.g_opt, s.d_opt)), strict=True))}
 
         state, metrics = lax.scan(body, state, None, length=num_steps)
+        guard = {k: metrics.pop(k) for k in GUARD_KEYS}
         metrics = jax.tree.map(jnp.mean, metrics)
-        return state, (lax.pmean(metrics, axis_name) if axis_name else metrics)
+        if axis_name:
+            metrics = lax.pmean(metrics, axis_name)
+            guard = lax.pmax(guard, axis_name)
+        return state, {**metrics, **guard}
 
     return run
 

@@ -1,7 +1,16 @@
 """GAN runs: ``GANConfig`` -> data, nets, optimizers, strategy -> chunked steps -> scores.
 
 ``train_gan(GANConfig)`` is the one function ``experiments/train_gan.py`` calls. Each logged step
-writes a JSONL object (losses, D's mean outputs and the sample scores); the last line is a summary.
+writes a JSONL object (losses and D's mean outputs averaged since the previous logged step, the
+count of skipped non-finite updates and the sample scores); the last line is a summary.
+
+Checkpoints, resume and the non-finite guard (issue 9) reuse :mod:`jaxsync.checkpoint` and the
+workdir helpers of :mod:`jaxsync.train`: the same layout (``<workdir>/checkpoints``, appended
+``metrics.jsonl`` with start / resume events, ``tensorboard/``), the same errors. A checkpoint
+holds the whole ``GANState`` (both networks' parameters and optimizer states, per device under
+``ps``, the step) and the data and eval keys. Batches are a function of (data key, step) and chunk
+boundaries of the step count only, so a resumed run replays the uninterrupted run's chunks and is
+bitwise the same.
 """
 
 from __future__ import annotations
@@ -13,10 +22,12 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 from jaxsync import ConfigError, optim
+from jaxsync import train as sync_train
 from jaxsync.agents.gan import data, gan, metrics, nets, plots
-from jaxsync.metrics import MetricsWriter, Progress, median_ms, to_python
+from jaxsync.metrics import Progress, median_ms, to_python
 from jaxsync.parallel.common import param_checksum
 
 REMEDIES = ("none", "pac", "r1", "pac+r1")
@@ -51,6 +62,15 @@ class GANConfig:
     metrics_file: str | None = None
     eval_samples: int = metrics.NUM_EVAL_SAMPLES
     quiet: bool = False
+    # Checkpoints, resume, non-finite guard, TensorBoard (issue 9); the fields and their meaning
+    # are those of jaxsync.train.TrainConfig.
+    workdir: str | None = None
+    checkpoint_every: int = 100  # 0: only the final step
+    keep_checkpoints: int = 3
+    resume: bool = True
+    max_nonfinite: int = 10  # 0 disables the guard
+    tensorboard: bool = False
+    nan_at_steps: tuple[int, ...] = ()  # fault injection: these steps get a NaN latent
 
     @property
     def z_dim(self) -> int:
@@ -96,7 +116,9 @@ def validate(cfg: GANConfig) -> None:
 
 
 def make_tx(cfg: GANConfig, lr: float):
-    return optim.make_optimizer(
+    """One network's optimizer; with ``max_nonfinite`` it skips an update whose (synchronised)
+    gradient holds NaN/Inf inside the jitted step (``optax.apply_if_finite``)."""
+    tx = optim.make_optimizer(
         optim.OptimConfig(
             optimizer=cfg.optimizer,
             learning_rate=lr,
@@ -105,6 +127,7 @@ def make_tx(cfg: GANConfig, lr: float):
             b1=cfg.beta1,
         )
     )
+    return optax.apply_if_finite(tx, cfg.max_nonfinite) if cfg.max_nonfinite else tx
 
 
 def make_parts(cfg: GANConfig) -> gan.GANParts:
@@ -123,6 +146,7 @@ def make_parts(cfg: GANConfig) -> gan.GANParts:
         cfg.z_dim,
         pac=cfg.pac if "pac" in cfg.remedy else 1,
         r1_gamma=cfg.r1_gamma if "r1" in cfg.remedy else 0.0,
+        nan_at_steps=tuple(cfg.nan_at_steps),
     )
 
 
@@ -139,8 +163,9 @@ def make_scorer(cfg: GANConfig, real: data.RealData):
 
 
 def save_picture(cfg: GANConfig, real: data.RealData, samples, step: int) -> str | None:
-    """Write the PNG for ``step`` under ``cfg.plot_dir`` (nothing when it is empty)."""
-    if not cfg.plot_dir:
+    """Write the PNG for ``step`` under ``cfg.plot_dir`` (nothing when it is empty; only process 0
+    writes in a multi-host run)."""
+    if not cfg.plot_dir or jax.process_index() != 0:
         return None
     title = f"{cfg.dataset} {cfg.remedy} step {step}"
     path = os.path.join(cfg.plot_dir, f"{cfg.dataset}_{cfg.remedy}_s{cfg.seed}_{step:06d}.png")
@@ -150,42 +175,151 @@ def save_picture(cfg: GANConfig, real: data.RealData, samples, step: int) -> str
 
 
 def chunk_boundaries(cfg: GANConfig) -> list[int]:
-    """Steps after which the loop stops to log or plot, ending with ``cfg.steps``."""
-    marks = {cfg.steps} | set(range(cfg.log_every, cfg.steps, cfg.log_every))
-    if cfg.plot_every:
-        marks |= set(range(cfg.plot_every, cfg.steps, cfg.plot_every))
+    """Steps after which the loop stops to log, plot or (with a workdir) checkpoint, ending with
+    ``cfg.steps``: a function of the step count only, so a resumed run replays the same chunks."""
+    periods = [cfg.log_every, cfg.plot_every]
+    if cfg.workdir:
+        periods.append(cfg.checkpoint_every)
+    marks = {cfg.steps}
+    for p in filter(None, periods):
+        marks |= set(range(p, cfg.steps, p))
     return sorted(marks)
 
 
+# Beyond jaxsync.train.IDENTITY_FIELDS (dataset, width, seed, batch_size), what must match the run
+# a checkpoint came from: what the saved state and the batch sequence mean.
+GAN_IDENTITY_FIELDS = (
+    "net",
+    "d_width",
+    "d_depth",
+    "latent_dim",
+    "remedy",
+    "pac",
+    "r1_gamma",
+    "optimizer",
+    "g_lr",
+    "d_lr",
+    "beta1",
+    "schedule",
+)
+
+
+def _resume_step(cfg: GANConfig, ckpt) -> int:
+    """jaxsync.train's resume checks, then the GAN's GAN_IDENTITY_FIELDS."""
+    start = sync_train._resume_step(cfg, ckpt)
+    if not start:
+        return 0
+    saved = ckpt.read_meta(start).get("config", {})
+    now = sync_train._config_json(cfg)
+    diff = [k for k in GAN_IDENTITY_FIELDS if now[k] != saved.get(k)]
+    if diff:
+        raise ConfigError(
+            f"{ckpt.directory}/{start} comes from a different run ("
+            + ", ".join(f"--{k}={saved.get(k)} there, {now[k]} now" for k in diff)
+            + "); use the same flags or a new --workdir"
+        )
+    return start
+
+
 def train_gan(cfg: GANConfig) -> dict:
-    """Train, score and summarise one GAN run; returns the summary object."""
+    """Train, score and summarise one GAN run; returns the summary object.
+
+    With ``cfg.workdir``: checkpoints every ``checkpoint_every`` steps and at the end, metrics
+    appended to ``workdir/metrics.jsonl`` (unless ``metrics_file``), resumed from the latest
+    checkpoint (see :func:`jaxsync.train.train_and_evaluate` for the layout and errors). With
+    ``max_nonfinite``, updates with NaN/Inf gradients are skipped; after ``max_nonfinite`` in a
+    row, :class:`jaxsync.train.NonFiniteError`, the last checkpoint kept.
+    """
     validate(cfg)
     if cfg.plot_dir:
         plots.pyplot()  # fail before training, not after, when matplotlib is missing
-    parts = make_parts(cfg)
-    trainer = gan.make_gan_trainer(parts, cfg.strategy, cfg.num_devices)
-    init_key, data_key, eval_key = jax.random.split(jax.random.key(cfg.seed), 3)
+    ckpt = sync_train._open_workdir(cfg)
+    start = _resume_step(cfg, ckpt)
+    writers = []
+    try:
+        parts = make_parts(cfg)
+        trainer = gan.make_gan_trainer(parts, cfg.strategy, cfg.num_devices)
+        init_key, data_key, eval_key = jax.random.split(jax.random.key(cfg.seed), 3)
+        tree, carried = {"state": trainer.init(init_key), "data": data_key, "eval": eval_key}, {}
+        if start:  # the fresh tree is the template: the strategy's shardings and layout
+            tree, carried = ckpt.restore(start, template=tree)
+            # Restored keys are committed to one device; the state lives on the mesh.
+            for k in ("data", "eval"):
+                key = tree[k]
+                tree[k] = jax.random.wrap_key_data(
+                    np.asarray(jax.random.key_data(key)), impl=jax.random.key_impl(key)
+                )
+        writers = sync_train._open_writers(cfg, start)
+        return _loop(cfg, parts, trainer, tree, ckpt, start, carried, writers)
+    finally:
+        for w in writers:
+            w.close()
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _loop(cfg, parts, trainer, tree, ckpt, start, carried, writers) -> dict:
+    """Steps ``start+1 .. cfg.steps`` chunk by chunk: run, guard, log, plot, checkpoint."""
+    state, data_key = tree["state"], tree["data"]
     score = make_scorer(cfg, parts.data)
-    sample = jax.jit(lambda p: gan.generate(parts, p, eval_key, cfg.eval_samples))
-    state = trainer.init(init_key)
-    writer, progress = MetricsWriter(cfg.metrics_file), Progress(cfg.steps)
-    step, times, scores, compiled = 0, [], {}, set()
-    for end in chunk_boundaries(cfg):
+    sample = jax.jit(lambda p: gan.generate(parts, p, tree["eval"], cfg.eval_samples))
+    progress = Progress(cfg.steps, start_step=start)
+    scores, window = carried.get("scores", {}), carried.get("window", {"count": 0, "sums": {}})
+    step, times, compiled, nonfinite = start, [], set(), carried.get("nonfinite_steps", 0)
+    for end in [b for b in chunk_boundaries(cfg) if b > start]:
         t0 = time.perf_counter()
-        state, chunk_metrics = trainer.run(state, data_key, end - step)
-        chunk_metrics = to_python(chunk_metrics)
+        state, chunk = trainer.run(state, data_key, end - step)
+        chunk = to_python(chunk)
         if end - step in compiled:  # a chunk length's first run compiles: not timed
             times.append((time.perf_counter() - t0) / (end - step))
         compiled.add(end - step)
-        step = end
-        samples = sample(state.g_params)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        guard = {k: chunk.pop(k) for k in gan.GUARD_KEYS}
+        _stop_if_nonfinite(cfg, ckpt, writers, step, chunk, guard)
+        window = _accumulate(window, chunk, end - step)
+        nonfinite, step = guard["nonfinite_total"][-1], end
+        logging = step % cfg.log_every == 0 or step == cfg.steps
+        plotting = (cfg.plot_every and step % cfg.plot_every == 0) or step == cfg.steps
+        samples = sample(state.g_params) if logging or plotting else None
+        if logging:
             scores = score(samples)
-            writer.write({"step": step, **chunk_metrics, **scores})
+            means = {k: v / window["count"] for k, v in window["sums"].items()}
+            window = {"count": 0, "sums": {}}
+            for w in writers:
+                w.write({"step": step, **means, "nonfinite_steps": nonfinite, **scores})
             if not cfg.quiet:
-                progress.report(step, {**chunk_metrics, **_headline(scores)})
-        if (cfg.plot_every and step % cfg.plot_every == 0) or step == cfg.steps:
+                progress.report(step, {**means, **_headline(scores)})
+        if plotting:
             save_picture(cfg, parts.data, samples, step)
+        if ckpt is not None and (
+            step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        ):
+            meta = {"config": sync_train._config_json(cfg), "data_position": step}
+            carry = {"scores": scores, "window": window, "nonfinite_steps": nonfinite}
+            ckpt.save(step, {**tree, "state": state}, {**meta, **to_python(carry)})
+    return _summary(cfg, trainer, state, scores, nonfinite, times, writers[0])
+
+
+def _accumulate(window: dict, chunk: dict, n: int) -> dict:
+    """Add a chunk's means (``n`` steps) to the sums since the last logged step, so a record's
+    means cover its whole log window however the window is cut into chunks."""
+    sums = {k: window["sums"].get(k, 0.0) + n * float(v) for k, v in chunk.items()}
+    return {"count": window["count"] + n, "sums": sums}
+
+
+def _stop_if_nonfinite(cfg, ckpt, writers, step, chunk, guard) -> None:
+    """NonFiniteError at the first step of the chunk after ``step`` that makes ``max_nonfinite``
+    skipped updates in a row; the chunk's state is dropped, so the last checkpoint stays."""
+    hits = np.flatnonzero(np.asarray(guard["nonfinite_consecutive"]) >= cfg.max_nonfinite)
+    if not cfg.max_nonfinite or not hits.size:
+        return
+    i = int(hits[0])
+    record = {"step": step + i + 1, **chunk, "nonfinite_steps": guard["nonfinite_total"][i]}
+    for w in writers:
+        w.write(record)
+    sync_train._stop_nonfinite(cfg, ckpt, step + i + 1, writers)
+
+
+def _summary(cfg, trainer, state, scores, nonfinite, times, writer) -> dict:
     summary = {
         "summary": True,
         "dataset": cfg.dataset,
@@ -195,12 +329,13 @@ def train_gan(cfg: GANConfig) -> dict:
         "steps": cfg.steps,
         "seed": cfg.seed,
         **{k: v for k, v in scores.items() if "counts" not in k},
+        "nonfinite_steps": nonfinite,
         "mean_step_ms": median_ms(times),
         "g_checksum": param_checksum(state.g_params),
         "d_checksum": param_checksum(state.d_params),
+        "param_checksum": param_checksum((state.g_params, state.d_params)),
     }
     writer.write(summary)
-    writer.close()
     return summary
 
 
