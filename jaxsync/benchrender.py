@@ -1,0 +1,334 @@
+"""Rendering BENCHMARKS.md: one markdown section (tables, PNG plots) per benchmark result.
+
+Every number comes from a section's JSON or from the markdown tables its script printed in the
+same run; nothing here holds a measured figure. Published references (Goyal et al. 2017) are
+constants in :mod:`jaxsync.scaling` and are labelled as such.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from jaxsync import bench, scaling
+
+ALLREDUCE_INTRO = (
+    "XLA's built-in `psum`, jaxsync's ppermute ring and a parameter server (gather to device 0, "
+    "broadcast back) all-reduce S bytes per device over N devices. As in nccl-tests, "
+    "algbw = S / time and busbw = algbw · 2(N−1)/N. The α–β model "
+    "T = α·steps(N) + β·bytes(N, S) (Hockney 1994; Thakur, Rabenseifner & Gropp 2005) is "
+    "fitted per backend by least squares on relative error over all measured (N, S): "
+    "ring 2(N−1) steps and 2(N−1)/N·S bytes, ps 2(N−1) steps and 2(N−1)·S bytes through the "
+    "server, psum modelled as Rabenseifner's reduce-scatter + all-gather (2⌈log₂N⌉ steps, "
+    "2(N−1)/N·S bytes). On emulated devices every message is a memory copy inside one process, "
+    "so α is a rendezvous cost and 1/β a memory bandwidth, not a network's."
+)
+SCALING_INTRO = (
+    "Synchronous data-parallel training step (MLP on the synthetic teacher set, SGD), timed "
+    "after warm-up (median of repeats). Strong scaling fixes the global batch, weak scaling the "
+    "per-device batch; throughput X in examples/s (from the wall-clock step time), speedup "
+    "X_N/X_1, efficiency E = X_N/(N·X_1); the ideal is linear speedup (E = 1). CPU ms is the "
+    "process CPU time per step (all threads), which other jobs on a shared machine disturb less "
+    "than wall time. **Caveat:** emulated CPU devices "
+    "share the host's cores, so more devices add no compute: E below 1 here is the cost of "
+    "splitting and synchronising on a shared CPU, not what the same code does on N accelerators."
+)
+LSR_INTRO = (
+    'Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour": scale the '
+    "learning rate linearly with the global batch, η = η₀·B/B₀, and warm it up gradually. Every "
+    "run trains the same number of epochs; eval error is on the held-out split. The paper's "
+    "ResNet-50/ImageNet numbers are beside ours for the shape of the result (flat error up to "
+    "large B with warmup), not for their values. Unlike the paper, the warmup starts from 0 "
+    "(jaxsync.optim) rather than from η₀, the rate then decays by a cosine rather than in steps, "
+    "and the model is a small MLP on a small data set (see Setup) rather than ResNet-50 on "
+    "ImageNet."
+)
+
+
+def _rel(path: str, report_dir: str) -> str:
+    return os.path.relpath(path, report_dir).replace(os.sep, "/")
+
+
+def _human_bytes(size: int) -> str:
+    for unit, scale in (("M", 1024**2), ("K", 1024)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------- all-reduce
+
+
+def _backends(rows):
+    return [b for b in ("psum", "ring", "ps") if rows and b in rows[0]]
+
+
+def fit_allreduce(rows) -> dict:
+    """``{backend: AlphaBeta}`` fitted to every measured point of each backend."""
+    return {
+        b: bench.fit_alpha_beta(b, [(r["devices"], r["bytes"], r[b]["us"] * 1e-6) for r in rows])
+        for b in _backends(rows)
+    }
+
+
+def render_allreduce(result, results_dir, report_dir) -> str:
+    rows = result.data["rows"]
+    backends = _backends(rows)
+    fits = fit_allreduce(rows)
+    bw_headers = ["N", "size / device"]
+    time_headers = ["N", "size / device"]
+    for b in backends:
+        bw_headers += [f"{b} algbw GB/s", f"{b} busbw GB/s"]
+        time_headers += [f"{b} µs", f"{b} α–β µs"]
+    bw, times = [], []
+    for r in rows:
+        n, s = r["devices"], r["bytes"]
+        bw.append(
+            [n, _human_bytes(s)] + [x for b in backends for x in (r[b]["algbw"], r[b]["busbw"])]
+        )
+        times.append(
+            [n, _human_bytes(s)]
+            + [x for b in backends for x in (r[b]["us"], fits[b].predict(n, s) * 1e6)]
+        )
+    fit_rows = [
+        [b, f.alpha_s * 1e6, f.bandwidth_gbs, 100 * f.rms_rel_error] for b, f in fits.items()
+    ]
+    ratios = [k for k in ("ring/psum", "ps/psum") if k in rows[0]]
+    ratio_rows = [[r["devices"], _human_bytes(r["bytes"])] + [r[k] for k in ratios] for r in rows]
+    png = os.path.join(results_dir, "allreduce_busbw.png")
+    _plot_allreduce(rows, backends, fits, png)
+    return "\n\n".join(
+        [
+            "Bandwidth (median of repeats):",
+            bench.markdown_table(bw_headers, bw),
+            "α–β model fitted to the measurements:",
+            bench.markdown_table(["backend", "α µs", "1/β GB/s", "RMS relative error %"], fit_rows),
+            "Measured time beside the model's prediction:",
+            bench.markdown_table(time_headers, times),
+            "busbw relative to psum, measured in the same run:",
+            bench.markdown_table(["N", "size / device"] + ratios, ratio_rows),
+            f"![busbw versus message size]({_rel(png, report_dir)})",
+        ]
+    )
+
+
+def _plot_allreduce(rows, backends, fits, png):
+    plt = _plt()
+    ns = sorted({r["devices"] for r in rows})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 3.6), squeeze=False)
+    for ax, n in zip(axes[0], ns, strict=True):
+        sub = [r for r in rows if r["devices"] == n]
+        sizes = [r["bytes"] for r in sub]
+        for b in backends:
+            line = ax.plot(sizes, [r[b]["busbw"] for r in sub], "o-", label=f"{b}")[0]
+            model = [s / fits[b].predict(n, s) / 1e9 * 2 * (n - 1) / n for s in sizes]
+            ax.plot(sizes, model, "--", color=line.get_color(), label=f"{b} α–β")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"N = {n}")
+        ax.set_xlabel("bytes per device")
+        ax.set_ylabel("busbw GB/s")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- scaling and LSR
+
+
+def render_scaling(result, results_dir, report_dir) -> str:
+    rows = result.data["rows"]
+    modes = [m for m in (scaling.STRONG, scaling.WEAK) if any(r["mode"] == m for r in rows)]
+    parts = []
+    for mode in modes:
+        parts += [f"{mode.capitalize()} scaling:", scaling.scaling_table(rows, mode)]
+    png = os.path.join(results_dir, "scaling_speedup.png")
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.6), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        sub = [r for r in rows if r["mode"] == mode]
+        ns = sorted({r["devices"] for r in sub})
+        ax.plot(ns, [n / ns[0] for n in ns], "k:", label="ideal")
+        for strat in dict.fromkeys(r["strategy"] for r in sub):
+            pts = [r for r in sub if r["strategy"] == strat]
+            ax.plot([r["devices"] for r in pts], [r["speedup"] for r in pts], "o-", label=strat)
+        ax.set_title(f"{mode} scaling")
+        ax.set_xlabel("devices N")
+        ax.set_ylabel("throughput speedup X_N / X_1")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    parts.append(f"![speedup versus devices]({_rel(png, report_dir)})")
+    return "\n\n".join(parts)
+
+
+def render_lsr(result, results_dir, report_dir) -> str:
+    rows, cfg = result.data["rows"], result.data["config"]
+    setup = (
+        f"{cfg['dataset']}, MLP width {cfg['width']}, {cfg['optimizer']}, {cfg['schedule']} "
+        f"schedule, {cfg['epochs']} epochs, warmup {cfg['warmup_epochs']} epochs, "
+        f"η₀ = {cfg['base_lr']} at B₀ = {cfg['base_batch']}, strategy {cfg['strategy']}."
+    )
+    diverged = [f"B={r['batch']} {r['variant']}" for r in rows if r["diverged"]]
+    ref = bench.markdown_table(
+        ["global batch", "learning-rate scheme", "top-1 error %"],
+        [list(r) for r in scaling.GOYAL_TABLE],
+    )
+    png = os.path.join(results_dir, "lsr_error.png")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, _, _ in scaling.LSR_VARIANTS:
+        pts = sorted(
+            (r["batch"], 100 * (1 - r["eval_accuracy"]))
+            for r in rows
+            if r["variant"] == name and r["eval_accuracy"] is not None
+        )
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch B")
+    ax.set_ylabel("eval error %")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return "\n\n".join(
+        [
+            f"Setup: {setup}",
+            "Measured (eval error %, lower is better):",
+            scaling.lsr_table(rows),
+            "Diverged (non-finite loss): " + (", ".join(diverged) if diverged else "none") + ".",
+            "Published, Goyal et al. 2017, Table 1 (ResNet-50, ImageNet, 90 epochs):",
+            ref,
+            f"![eval error versus batch]({_rel(png, report_dir)})",
+        ]
+    )
+
+
+# ---------------------------------------------------------------- other sections
+
+
+_SEPARATOR = re.compile(r"^\|\s*:?-{3,}")
+
+
+def _is_caption(lines: list[str], i: int) -> bool:
+    """A heading (``#``, ``Table``) or a paragraph of one line (blank lines around it, or a
+    table right after it); a run of progress lines (``done: ...``) is neither."""
+    line = lines[i].strip()
+    if not line or line.startswith("|") or line.startswith("wrote "):
+        return False
+    if line.startswith(("#", "Table")):
+        return True
+    before = i == 0 or not lines[i - 1].strip()
+    after = i + 1 == len(lines) or not lines[i + 1].strip() or lines[i + 1].strip()[:1] == "|"
+    return before and after
+
+
+def printed_tables(stdout: str) -> list[tuple[str, str]]:
+    """``(caption, table)`` for every markdown table in ``stdout`` (a header, a ``|---|``
+    separator, rows); the caption is the last heading or one-line paragraph above it, or ''."""
+    lines = stdout.splitlines()
+    out, i, caption = [], 0, ""
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("|") and i + 1 < len(lines) and _SEPARATOR.match(lines[i + 1].strip()):
+            j = i
+            while j < len(lines) and lines[j].strip().startswith("|"):
+                j += 1
+            out.append((caption, "\n".join(ln.strip() for ln in lines[i:j])))
+            caption, i = "", j
+            continue
+        if _is_caption(lines, i):
+            caption = line.lstrip("#").strip()
+        elif line:
+            caption = ""  # progress output between a caption and its table: drop the caption
+        i += 1
+    return out
+
+
+def render_generic(result, results_dir, report_dir) -> str:
+    tables = printed_tables(result.stdout)
+    if not tables:
+        return "The script printed no markdown table; its JSON is linked above."
+    parts = []
+    for caption, table in tables:
+        if caption:
+            parts.append(caption if caption.endswith(":") else caption + ":")
+        parts.append(table)
+    for name in result.section.pngs:
+        path = os.path.join(results_dir, name)
+        if os.path.exists(path):
+            parts.append(f"![{result.section.key}]({_rel(path, report_dir)})")
+    return "\n\n".join(parts)
+
+
+RENDERERS = {
+    "allreduce": render_allreduce,
+    "scaling": render_scaling,
+    "lsr": render_lsr,
+    "generic": render_generic,
+}
+
+
+def render_section(result, results_dir, report_dir) -> str:
+    """The markdown of one section: title, intro, how it ran, then its tables or its error."""
+    s = result.section
+    head = [
+        f"## {s.title}",
+        s.intro,
+        f"Ran `{' '.join(['python', *result.command[1:]])}` in {result.seconds:.0f} s.",
+    ]
+    if result.status != "ok":
+        head.append(f"**{result.status.upper()}** — no numbers: `{result.error}`")
+        return "\n\n".join(head)
+    try:
+        body = RENDERERS[s.render](result, results_dir, report_dir)
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # a JSON layout we did not expect
+        result.status, result.error = "failed", f"could not render its JSON: {e!r}"
+        head.append(f"**FAILED** — no numbers: `{result.error}`")
+        return "\n\n".join(head)
+    json_path = os.path.join(results_dir, s.json_name)
+    head.append(f"Raw results: `{_rel(json_path, report_dir)}`.")
+    return "\n\n".join(head + [body])
+
+
+_EMULATION_NOTE = (
+    "On emulated CPU devices all devices share the host's cores: absolute times are not hardware "
+    'truths; ratios measured in the same run are (see DESIGN.md, "Measuring honestly").'
+)
+
+
+def render_report(results, machine, cfg, started, results_dir, revision="unknown") -> str:
+    """The whole BENCHMARKS.md: title, provenance (command, code, machine, date), status, sections.
+
+    Sections render first: a section whose JSON cannot be rendered turns ``failed`` in the status
+    table too.
+    """
+    report_dir = os.path.dirname(os.path.abspath(cfg.report_path))
+    sections = [render_section(r, results_dir, report_dir) for r in results]
+    status = bench.markdown_table(
+        ["section", "status", "seconds", "error"],
+        [[r.section.key, r.status, round(r.seconds, 1), r.error or ""] for r in results],
+    )
+    head = [
+        "# jaxsync benchmarks",
+        "Generated by the benchmark suite; every number below was measured by the command shown, "
+        "in the run that wrote this file. Do not edit by hand: rerun the command.",
+        f"**Command:** `{cfg.command}` (mode: {cfg.mode})",
+        f"**Code:** git {revision}; **started:** {started}",
+        machine.line(),
+        _EMULATION_NOTE,
+        "## Sections run",
+        status,
+    ]
+    return "\n\n".join(head + sections) + "\n"

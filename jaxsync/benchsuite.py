@@ -1,0 +1,351 @@
+"""The benchmark suite behind ``experiments/benchmarks.py``: run every section, write BENCHMARKS.md.
+
+Each section is one benchmark script run as a subprocess (its own JAX runtime and device count,
+a bounded timeout) that writes JSON into the results folder. The report is rendered from that
+JSON and from the markdown tables the script printed, so every number in BENCHMARKS.md comes from
+the run that wrote it; a section whose script is missing, fails or times out is reported as such,
+with the error line, and no numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from jaxsync import bench, benchrender
+
+MODES = ("smoke", "quick", "full")
+_ERROR_LINE = re.compile(r"^(error|fatal)\b|^\w+(\.\w+)*(Error|Exception|Exit)\b|FATAL", re.I)
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One benchmark script: its arguments per mode and where it writes its JSON.
+
+    ``output_args`` holds ``{results}`` placeholders filled with the results folder; ``render``
+    names a function of :mod:`jaxsync.benchrender` (``generic`` embeds the tables it printed).
+    """
+
+    key: str
+    title: str
+    script: str
+    intro: str
+    args: dict
+    output_args: tuple[str, ...]
+    json_name: str
+    render: str = "generic"
+    pngs: tuple[str, ...] = ()
+
+
+def _same(args):
+    return {"smoke": args, "quick": args, "full": []}
+
+
+SECTIONS = (
+    Section(
+        "allreduce",
+        "All-reduce (nccl-tests style)",
+        "experiments/bench_allreduce.py",
+        benchrender.ALLREDUCE_INTRO,
+        {
+            "smoke": [
+                "--devices=2",
+                "--min_bytes=4K",
+                "--max_bytes=16K",
+                "--repeats=1",
+                "--warmup=0",
+            ],
+            "quick": ["--devices=2,4,8", "--min_bytes=4K", "--max_bytes=1M", "--repeats=5"],
+            "full": ["--devices=2,4,8", "--min_bytes=4K", "--max_bytes=64M"],
+        },
+        ("--output={results}/bench_allreduce.json",),
+        "bench_allreduce.json",
+        "allreduce",
+    ),
+    Section(
+        "scaling",
+        "Data-parallel scaling",
+        "experiments/bench_scaling.py",
+        benchrender.SCALING_INTRO,
+        {
+            "smoke": [
+                "--devices=1,2",
+                "--strategies=psum,ring",
+                "--repeats=1",
+                "--warmup=0",
+                "--global_batch=64",
+                "--per_device_batch=16",
+                "--width=16",
+            ],
+            "quick": ["--quick"],
+            "full": [],
+        },
+        ("--output={results}/bench_scaling.json",),
+        "bench_scaling.json",
+        "scaling",
+    ),
+    Section(
+        "lsr",
+        "Linear scaling rule (Goyal et al. 2017)",
+        "experiments/bench_lsr.py",
+        benchrender.LSR_INTRO,
+        {
+            "smoke": ["--batch_sizes=32,64", "--epochs=1", "--warmup_epochs=1", "--width=16"],
+            "quick": ["--quick"],
+            "full": [],
+        },
+        ("--output={results}/bench_lsr.json",),
+        "bench_lsr.json",
+        "lsr",
+    ),
+    Section(
+        "async",
+        "Asynchronous SGD and staleness",
+        "experiments/bench_async.py",
+        "Zhang et al. 2016 (staleness-aware learning rate η/τ) and Ho et al. 2013 (stale "
+        "synchronous parallel, SSP): convergence against staleness and bounds.",
+        _same(["--quick"]),
+        ("--out={results}",),
+        "bench_async.json",
+        pngs=("bench_async.png",),
+    ),
+    Section(
+        "model_parallel",
+        "Model parallelism (tensor, GPipe)",
+        "experiments/bench_model_parallel.py",
+        "Tensor parallelism and GPipe pipelining (Huang et al. 2019): step time and "
+        "per-device parameter bytes versus P; the pipeline bubble beside (P−1)/(M+P−1).",
+        _same(["--quick"]),
+        ("--output={results}/bench_model_parallel.json",),
+        "bench_model_parallel.json",
+    ),
+    Section(
+        "optimizers",
+        "Distributed optimizers",
+        "experiments/bench_optimizers.py",
+        "Sharded optimizer state (ZeRO, Rajbhandari et al. 2020), local SGD and gradient "
+        "compression with error feedback: memory and loss against communicated bytes.",
+        _same(["--quick"]),
+        ("--output={results}/bench_optimizers.json",),
+        "bench_optimizers.json",
+    ),
+    Section(
+        "rl",
+        "Reinforcement learning",
+        "experiments/bench_rl.py",
+        "Pure-JAX environments and agents (PPO, Schulman et al. 2017; DQN): learning curves "
+        "and environment steps per second.",
+        _same(["--quick"]),
+        ("--out={results}/bench_rl",),
+        "bench_rl.json",
+        pngs=("bench_rl_curves.png",),
+    ),
+    Section(
+        "gan",
+        "GAN mode coverage",
+        "experiments/bench_gan.py",
+        "Modes recovered and high-quality samples on the 2-D mixtures, beside VEEGAN "
+        "(Srivastava et al. 2017) and PacGAN (Lin et al. 2018, Table 1).",
+        _same(["--quick"]),
+        ("--out={results}/bench_gan.json", "--plot_dir={results}/bench_gan"),
+        "bench_gan.json",
+    ),
+    Section(
+        "multihost",
+        "Multi-process (multi-host) data parallelism",
+        "experiments/bench_multihost.py",
+        "One job laid out as K processes × M devices over gloo on loopback: step time "
+        "against the single-process layout, measured in the same run.",
+        _same(["--quick"]),
+        ("--output={results}/bench_multihost.json",),
+        "bench_multihost.json",
+    ),
+)
+SECTION_KEYS = tuple(s.key for s in SECTIONS)
+
+
+@dataclasses.dataclass
+class SectionResult:
+    """What one section's run left: status ``ok | missing | failed | timeout``, and its output."""
+
+    section: Section
+    status: str
+    command: list
+    seconds: float = 0.0
+    error: str = ""
+    stdout: str = ""
+    data: dict | None = None
+
+
+def section_command(section: Section, mode: str, results_dir: str, python=sys.executable):
+    """The argv that runs ``section`` in ``mode`` writing under ``results_dir``."""
+    extra = [a.format(results=results_dir) for a in section.output_args]
+    return [python, section.script, *section.args[mode], *extra]
+
+
+def _error_line(stderr: str, returncode: int) -> str:
+    """The line of stderr that says what went wrong: the last ``error:``/``FATAL``/exception line
+    (absl ends a flag error with a help hint), else the last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    if not lines:
+        return f"exit status {returncode} with no message on stderr"
+    marked = [ln for ln in lines if _ERROR_LINE.search(ln)]
+    return (marked or lines)[-1]
+
+
+def run_bounded(cmd, cwd: str, timeout_s: float):
+    """``(returncode, stdout, stderr)`` of ``cmd``; returncode None when it ran out of time.
+
+    The child leads a new process group, so on timeout the whole group goes (the multi-host
+    section's launcher starts worker processes of its own), not only the direct child.
+    """
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
+
+
+def run_section(
+    section: Section, mode: str, results_dir: str, root: str, timeout_s: float, log=print
+) -> SectionResult:
+    """Run one section's script; never raises for the script's own failures."""
+    cmd = section_command(section, mode, results_dir)
+    result = SectionResult(section, "ok", cmd)
+    if not os.path.exists(os.path.join(root, section.script)):
+        result.status, result.error = "missing", f"{section.script} does not exist"
+        log(f"[{section.key}] missing: {result.error}")
+        return result
+    json_path = os.path.join(results_dir, section.json_name)
+    if os.path.exists(json_path):  # a stale file from an earlier run must not pass for this one
+        os.remove(json_path)
+    log(f"[{section.key}] {' '.join(cmd[1:])}")
+    start = time.perf_counter()
+    returncode, result.stdout, stderr = run_bounded(cmd, root, timeout_s)
+    result.seconds = time.perf_counter() - start
+    # Kept beside the JSON: the full output of a failed section, and what the report embedded.
+    with open(os.path.join(results_dir, f"{section.key}.log"), "w", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(cmd)}\n{result.stdout}\n--- stderr ---\n{stderr}")
+    if returncode is None:
+        result.status = "timeout"
+        result.error = f"timed out after {timeout_s:.0f} s (--section_timeout)"
+    elif returncode != 0:
+        result.status, result.error = "failed", _error_line(stderr, returncode)
+    elif not os.path.exists(json_path):
+        result.status, result.error = "failed", f"exited 0 but wrote no {json_path}"
+    else:
+        try:
+            with open(json_path, encoding="utf-8") as f:
+                result.data = json.load(f)
+        except ValueError as e:
+            result.status, result.error = "failed", f"unreadable {json_path}: {e}"
+    log(
+        f"[{section.key}] {result.status} in {result.seconds:.0f} s"
+        + (f": {result.error}" if result.error else "")
+    )
+    return result
+
+
+def git_revision(root: str) -> str:
+    """``<short hash>`` of HEAD, ``+ uncommitted changes`` when the tree differs; "unknown"
+    outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            text=True,
+            capture_output=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            text=True,
+            capture_output=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" + uncommitted changes" if dirty else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+    """A suite run: mode, sections, where the report and results go, and the command line."""
+
+    mode: str = "quick"
+    sections: tuple[str, ...] = SECTION_KEYS
+    report_path: str = "BENCHMARKS.md"
+    results_dir: str = "results"
+    timeout_s: float = 900.0
+    command: str = "python experiments/benchmarks.py"
+    root: str = "."
+
+
+def validate(cfg: SuiteConfig) -> None:
+    from jaxsync import ConfigError
+
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown mode {cfg.mode!r}; choose from {list(MODES)}")
+    unknown = [s for s in cfg.sections if s not in SECTION_KEYS]
+    if unknown or not cfg.sections:
+        raise ConfigError(f"--sections takes {','.join(SECTION_KEYS)}; got {list(cfg.sections)}")
+    if not cfg.timeout_s > 0:
+        raise ConfigError(f"--section_timeout must be > 0, got {cfg.timeout_s}")
+
+
+def run_suite(cfg: SuiteConfig, machine: bench.Machine, log=print) -> list[SectionResult]:
+    """Run the selected sections in order (one at a time: they time things), write the report."""
+    validate(cfg)
+    results_dir = os.path.abspath(cfg.results_dir)
+    os.makedirs(results_dir, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    results = []
+    for section in SECTIONS:
+        if section.key in cfg.sections:
+            results.append(
+                run_section(section, cfg.mode, results_dir, cfg.root, cfg.timeout_s, log)
+            )
+    revision = git_revision(cfg.root)
+    text = benchrender.render_report(results, machine, cfg, started, results_dir, revision)
+    parent = os.path.dirname(os.path.abspath(cfg.report_path))
+    os.makedirs(parent, exist_ok=True)
+    with open(cfg.report_path, "w", encoding="utf-8") as f:
+        f.write(text)
+    summary = {
+        "command": cfg.command,
+        "mode": cfg.mode,
+        "started": started,
+        "machine": dataclasses.asdict(machine),
+        "sections": [
+            {
+                "key": r.section.key,
+                "status": r.status,
+                "seconds": r.seconds,
+                "error": r.error,
+                "command": r.command[1:],
+            }
+            for r in results
+        ],
+    }
+    with open(os.path.join(results_dir, "benchmarks.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    log(f"wrote {cfg.report_path} and {os.path.join(results_dir, 'benchmarks.json')}")
+    return results

@@ -1,0 +1,187 @@
+"""The benchmark suite: the α–β fit against its formula, table rendering, failure reporting, and
+one end-to-end run of the smallest configuration checked for the report's structure (never for
+its timings)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxsync import bench, benchrender, benchsuite, scaling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_alpha_beta_fit_recovers_the_model():
+    alpha, beta = 20e-6, 1 / 5e9  # 20 µs per step, 5 GB/s
+    for backend in ("psum", "ring", "ps"):
+        points = []
+        for n in (2, 4, 8):
+            for s in (4096, 65536, 1 << 20):
+                steps, sent = bench.ALLREDUCE_COSTS[backend](n, s)
+                points.append((n, s, alpha * steps + beta * sent))
+        fit = bench.fit_alpha_beta(backend, points)
+        assert fit.alpha_s == pytest.approx(alpha, rel=1e-6)
+        assert fit.bandwidth_gbs == pytest.approx(5.0, rel=1e-6)
+        assert fit.rms_rel_error < 1e-9
+        assert fit.predict(8, 1 << 20) == pytest.approx(points[-1][2], rel=1e-9)
+
+
+def test_cost_model_formulas():
+    assert bench.ALLREDUCE_COSTS["ring"](8, 800) == (14, 1400)
+    assert bench.ALLREDUCE_COSTS["ps"](4, 100) == (6, 600)
+    assert bench.ALLREDUCE_COSTS["psum"](8, 800) == (6, 1400)
+
+
+def test_nonnegative_fit_matches_scipy_nnls():
+    nnls = pytest.importorskip("scipy.optimize").nnls
+    rng = np.random.default_rng(0)
+    # Times falling with the step count make the unconstrained α negative; then random cases.
+    cases = [(np.array([[1.0, 1.0], [10.0, 1.0], [20.0, 1.0]]), np.array([10.0, 5.0, 1.0]))]
+    cases += [(rng.uniform(0, 10, (6, 2)), rng.uniform(-1, 10, 6)) for _ in range(20)]
+    for a, t in cases:
+        w = rng.uniform(0.5, 2.0, len(t))
+        expected = nnls(a * w[:, None], t * w)[0]
+        np.testing.assert_allclose(bench.nonneg_lstsq_2(a, t, w), expected, atol=1e-9)
+    assert bench.nonneg_lstsq_2(*cases[0], np.ones(3))[0] == 0.0
+
+
+def test_markdown_table_and_fmt():
+    text = bench.markdown_table(["name", "x"], [["a", 1.23456], ["b", None]])
+    lines = text.splitlines()
+    assert lines[0] == "| name | x |"
+    assert lines[1] == "|---|---:|"
+    assert lines[2] == "| a | 1.23 |"
+    assert lines[3] == "| b | – |"
+    assert bench.fmt(float("nan")) == "–" and bench.fmt(math.inf) == "∞"
+    with pytest.raises(ValueError):
+        bench.markdown_table(["a"], [[1, 2]])
+
+
+def test_printed_tables_skips_progress_rows_without_header():
+    stdout = "| 1 | 2 |\nTable 1: setup\n\n| a | b |\n|---|---|\n| 1 | 2 |\nwrote x.json\n"
+    progress = "done: a\ndone: b\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    assert benchrender.printed_tables(progress) == [("", "| a | b |\n|---|---|\n| 1 | 2 |")]
+    assert benchrender.printed_tables(stdout) == [
+        ("Table 1: setup", "| a | b |\n|---|---|\n| 1 | 2 |")
+    ]
+
+
+def test_scaling_efficiency_and_lsr_runs():
+    assert bench.scaling_efficiency(300.0, 100.0, 4) == pytest.approx(0.75)
+    cfg = scaling.LSRConfig(
+        batch_sizes=(32, 128), base_batch=32, base_lr=0.1, epochs=3, warmup_epochs=1
+    )
+    runs = {(r["batch"], r["variant"]): r for r in scaling.lsr_runs(cfg, n_train=1000)}
+    assert runs[(128, "linear + warmup")] == {
+        "batch": 128,
+        "variant": "linear + warmup",
+        "lr": pytest.approx(0.4),
+        "steps": 3 * 7,
+        "warmup_steps": 7,
+    }
+    assert runs[(128, "linear, no warmup")]["warmup_steps"] == 0
+    assert runs[(128, "no scaling")]["lr"] == pytest.approx(0.1)
+
+
+def test_failed_and_missing_sections_are_reported_without_numbers(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import sys\nprint('| a |\\n|---|\\n| 42 |')\nsys.exit('error: the device caught fire')\n"
+    )
+    sections = (
+        benchsuite.Section(
+            "gone", "Gone", "no/such_script.py", "intro", {"smoke": []}, (), "gone.json"
+        ),
+        benchsuite.Section("bad", "Bad", str(bad), "intro", {"smoke": []}, (), "bad.json"),
+    )
+    monkeypatch.setattr(benchsuite, "SECTIONS", sections)
+    monkeypatch.setattr(benchsuite, "SECTION_KEYS", ("gone", "bad"))
+    machine = bench.Machine("cpu", 2, "cpu", 8, "cpu", "3", {"jax": "x"}, (1.0, 1.0, 1.0))
+    cfg = benchsuite.SuiteConfig(
+        mode="smoke",
+        sections=("gone", "bad"),
+        report_path=str(tmp_path / "B.md"),
+        results_dir=str(tmp_path / "r"),
+        root=ROOT,
+        timeout_s=60,
+    )
+    results = benchsuite.run_suite(cfg, machine, log=lambda *_: None)
+    assert [(r.status, r.error) for r in results] == [
+        ("missing", "no/such_script.py does not exist"),
+        ("failed", "error: the device caught fire"),
+    ]
+    report = (tmp_path / "B.md").read_text()
+    assert "**MISSING** — no numbers: `no/such_script.py does not exist`" in report
+    assert "**FAILED** — no numbers: `error: the device caught fire`" in report
+    assert "42" not in report
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The suite's smallest configuration, end to end, into a temporary folder."""
+    out = tmp_path_factory.mktemp("bench")
+    report, results = out / "BENCHMARKS.md", out / "results"
+    cmd = [
+        sys.executable,
+        "experiments/benchmarks.py",
+        "--smoke",
+        "--sections=allreduce,scaling",
+        f"--report={report}",
+        f"--results_dir={results}",
+        "--section_timeout=600",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return proc, report, results
+
+
+def test_smoke_suite_writes_the_report(smoke_run):
+    proc, report, results = smoke_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = report.read_text()
+    lines = text.splitlines()
+    assert lines[0] == "# jaxsync benchmarks"
+    assert any(
+        ln.startswith(
+            "**Command:** `python experiments/benchmarks.py --smoke --sections=allreduce,scaling"
+        )
+        for ln in lines
+    )
+    machine = next(ln for ln in lines if ln.startswith("**Machine:**"))
+    assert "8 × cpu device" in machine and "jax " in machine
+    assert "## All-reduce (nccl-tests style)" in lines
+    assert "## Data-parallel scaling" in lines
+    assert "| allreduce | ok |" in text and "| scaling | ok |" in text
+    # nccl-tests rows: N = 2 at the two smoke sizes, for every backend, and the α–β fit.
+    assert sum(ln.startswith("| 2 | 4K |") for ln in lines) == 3
+    assert sum(ln.startswith("| 2 | 16K |") for ln in lines) == 3
+    for backend in ("psum", "ring", "ps"):
+        assert any(ln.startswith(f"| {backend} | ") for ln in lines)
+    # Scaling rows: strong and weak, N = 1 and 2, psum and ring.
+    for strat in ("psum", "ring"):
+        assert any(ln.startswith(f"| {strat} | 1 | 64 | 64 |") for ln in lines)
+        assert any(ln.startswith(f"| {strat} | 2 | 32 | 16 |") for ln in lines)
+    for png in ("allreduce_busbw.png", "scaling_speedup.png"):
+        assert (results / png).stat().st_size > 1000
+        assert f"]({os.path.relpath(results / png, report.parent)})" in text
+
+
+def test_smoke_suite_summary_json(smoke_run):
+    _, _, results = smoke_run
+    summary = json.loads((results / "benchmarks.json").read_text())
+    assert summary["mode"] == "smoke"
+    assert [s["key"] for s in summary["sections"]] == ["allreduce", "scaling"]
+    assert all(s["status"] == "ok" for s in summary["sections"])
+
+
+def test_a_section_past_its_timeout_is_stopped_and_reported(tmp_path):
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time\nprint('| a |\\n|---|\\n| 7 |', flush=True)\ntime.sleep(600)\n")
+    section = benchsuite.Section("slow", "Slow", str(slow), "intro", {"smoke": []}, (), "s.json")
+    result = benchsuite.run_section(section, "smoke", str(tmp_path), ROOT, 1.0, log=lambda *_: None)
+    assert (result.status, result.error) == ("timeout", "timed out after 1 s (--section_timeout)")
+    assert "| 7 |" in (tmp_path / "slow.log").read_text()
