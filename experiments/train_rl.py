@@ -13,6 +13,15 @@ DQN (CleanRL's CartPole configuration), Double DQN:
 
   python experiments/train_rl.py --agent=dqn --double_dqn --seeds=3
 
+Checkpoints and resume: with ``--workdir`` the whole runner state of all seeds is saved every
+``--checkpoint_every`` updates (PPO updates, DQN iterations) and at the end; running the same
+command again resumes from the latest checkpoint, bitwise the uninterrupted run (SIGKILL included):
+
+  python experiments/train_rl.py --workdir=runs/ppo --checkpoint_every=50
+
+Gradient steps with NaN/Inf gradients are skipped; the run stops after ``--max_nonfinite`` in a row
+(PPO: whole updates, DQN: gradient steps) with the last checkpoint intact.
+
 Hyperparameter flags left unset keep the agent's defaults (``PPOConfig`` / ``DQNConfig``).
 """
 
@@ -60,6 +69,7 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_bool("double_dqn", None, "DQN: Double-DQN targets; default false.")
 cli.define_device_flags(default_devices=1)
+cli.define_checkpoint_flags()
 
 PPO_FLAGS = (
     "num_steps",
@@ -102,7 +112,10 @@ def main(argv):
     misplaced = [f"--{n}" for n in other if FLAGS[n].present]
     if FLAGS.agent in runner.AGENTS and misplaced:
         raise ConfigError(f"{misplaced} do not apply to --agent={FLAGS.agent}")
-    agent_cfg = runner.agent_config(FLAGS.agent, **{n: FLAGS[n].value for n in SHARED + own})
+    ckpt = cli.checkpoint_kwargs_from_flags()
+    guard = {k: ckpt.pop(k) for k in ("max_nonfinite", "nan_at_steps")}
+    overrides = {n: FLAGS[n].value for n in SHARED + own}
+    agent_cfg = runner.agent_config(FLAGS.agent, **overrides, **guard)
     cfg = runner.RunConfig(
         agent=FLAGS.agent,
         agent_cfg=agent_cfg,
@@ -111,6 +124,8 @@ def main(argv):
         repeats=FLAGS.repeats,
         log_every=FLAGS.log_every,
         metrics_file=FLAGS.metrics_file,
+        quiet=False,
+        **ckpt,
     )
     summary = runner.train_and_log(cfg)
     keys = (

@@ -52,6 +52,11 @@ class DQNConfig:
     hidden: tuple = (120, 84)
     num_devices: int = 1
     strategy: str = "single"
+    # Non-finite guard (issue 9): gradient steps with NaN/Inf gradients are skipped; the run stops
+    # after max_nonfinite in a row (0: no guard). nan_at_steps: fault injection, 1-based
+    # iterations whose gradient step (if they take one) gets NaN gradients.
+    max_nonfinite: int = 0  # off here: the guard changes XLA's fusion, so rounding; train_rl: 10
+    nan_at_steps: tuple = ()
 
     @property
     def steps_per_iter(self) -> int:
@@ -78,6 +83,8 @@ def validate(cfg: DQNConfig) -> None:
             f"--total_steps ({cfg.total_steps}) is below one iteration "
             f"({cfg.steps_per_iter} env steps)"
         )
+    if cfg.max_nonfinite < 0:
+        raise ConfigError(f"--max_nonfinite must be >= 0, got {cfg.max_nonfinite}")
     if not 0 < cfg.tau <= 1:
         raise ConfigError(f"--tau must be in (0, 1], got {cfg.tau}")
 
@@ -183,7 +190,7 @@ def _act(ctx: _Ctx, params, obs, key, eps):
     return jax.vmap(explore)(keys, greedy)
 
 
-def _learn(ctx: _Ctx, rs: RunnerState, key):
+def _learn(ctx: _Ctx, it, rs: RunnerState, key):
     cfg = ctx.cfg
     k = parallel.local_keys(key, 1, cfg.num_devices, ctx.axis)[0]
     batch = buffer_sample(rs.buffer, k, cfg.batch_size)
@@ -196,6 +203,7 @@ def _learn(ctx: _Ctx, rs: RunnerState, key):
         double=cfg.double_dqn,
     )
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(rs.params)
+    grads = parallel.poison(grads, it, cfg.nan_at_steps)
     params, opt_state = ctx.sync.update(grads, rs.opt_state, rs.params)
     return rs._replace(params=params, opt_state=opt_state), {"loss": loss, **metrics}
 
@@ -219,14 +227,19 @@ def _iteration(ctx: _Ctx, rs: RunnerState, it):
     every = max(cfg.train_frequency // cfg.steps_per_iter, 1)
     learn = (env_steps > cfg.learning_starts) & (it % every == 0)
     zero = {"loss": jnp.float32(0), "q_mean": jnp.float32(0)}
-    rs, metrics = lax.cond(learn, partial(_learn, ctx), lambda r, _: (r, zero), rs, k_learn)
+    rs, metrics = lax.cond(learn, partial(_learn, ctx, it), lambda r, _: (r, zero), rs, k_learn)
     target_every = max(cfg.target_update_interval // cfg.steps_per_iter, 1)
     target = lax.cond(
         it % target_every == 0,
         lambda: optax.incremental_update(rs.params, rs.target_params, cfg.tau),
         lambda: rs.target_params,
     )
+    if cfg.max_nonfinite:  # reduced with the other metrics: one all-reduce
+        metrics["nonfinite"] = parallel.guard_counts(rs.opt_state, ctx.sync.server_state, ctx.axis)
     metrics = parallel.pmean(metrics, ctx.axis)
+    if cfg.max_nonfinite:
+        counts = metrics.pop("nonfinite")
+        metrics.update(nonfinite_consecutive=counts[0], nonfinite_steps=counts[1])
     metrics.update(
         env_steps=env_steps,
         epsilon=eps,
@@ -236,38 +249,63 @@ def _iteration(ctx: _Ctx, rs: RunnerState, it):
     return rs._replace(target_params=target), metrics
 
 
-def make_train(cfg: DQNConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: bool = False):
-    """Build ``train(rng) -> (params, metrics)``; metrics have one entry per iteration
-    (``env_steps``, ``mean_return`` over the last 100 episodes of all devices, ``loss``, …)."""
-    validate(cfg)
-    env, env_params = envs_lib.make_env(cfg.env)
-    net = QNetwork(env.action_space(env_params).n, tuple(cfg.hidden))
+def make_optimizer(cfg: DQNConfig) -> optax.GradientTransformation:
+    """Adam after optional global-norm clipping, under ``optax.apply_if_finite`` with the guard."""
     tx = optax.adam(cfg.learning_rate)
     if cfg.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
-    axis = None if cfg.strategy == "single" else axis_name
-    ctx = _Ctx(cfg, env, env_params, net, parallel.make_sync(cfg.strategy, tx, axis), axis)
+    return optax.apply_if_finite(tx, cfg.max_nonfinite) if cfg.max_nonfinite else tx
 
-    def device_train(rng):
+
+def _device_fns(cfg: DQNConfig, axis_name: str):
+    """``(device_init(rng) -> RunnerState, device_run(rs, start, n) -> (rs, metrics))`` of one
+    device; ``device_run`` scans iterations ``start … start+n−1``."""
+    validate(cfg)
+    env, env_params = envs_lib.make_env(cfg.env)
+    net = QNetwork(env.action_space(env_params).n, tuple(cfg.hidden))
+    axis = None if cfg.strategy == "single" else axis_name
+    sync = parallel.make_sync(cfg.strategy, make_optimizer(cfg), axis)
+    ctx = _Ctx(cfg, env, env_params, net, sync, axis)
+
+    def device_init(rng):
         rng, k_init, k_reset = jax.random.split(rng, 3)
         obs_shape = env.observation_space(env_params).shape
         params = net.init(k_init, jnp.zeros(obs_shape, jnp.float32))["params"]
         reset_keys = parallel.local_keys(k_reset, cfg.num_envs, cfg.num_devices, axis)
         reset = jax.vmap(partial(envs_lib.stats_reset, env), in_axes=(0, None))
         obs, env_state = reset(reset_keys, env_params)
-        rs = RunnerState(
-            params,
-            params,
-            ctx.sync.init(params),
-            buffer_init(cfg.buffer_size, obs_shape),
-            env_state,
-            obs,
-            envs_lib.window_init(),
-            rng,
+        buffer = buffer_init(cfg.buffer_size, obs_shape)
+        window = envs_lib.window_init()
+        return RunnerState(
+            params, params, ctx.sync.init(params), buffer, env_state, obs, window, rng
         )
-        rs, metrics = lax.scan(partial(_iteration, ctx), rs, jnp.arange(cfg.num_iters))
+
+    def device_run(rs, start, n: int):
+        return lax.scan(partial(_iteration, ctx), rs, start + jnp.arange(n))
+
+    return device_init, device_run
+
+
+def make_train(cfg: DQNConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: bool = False):
+    """Build ``train(rng) -> (params, metrics)``; metrics have one entry per iteration
+    (``env_steps``, ``mean_return`` over the last 100 episodes of all devices, ``loss``, …)."""
+    device_init, device_run = _device_fns(cfg, axis_name)
+
+    def device_train(rng):
+        rs, metrics = device_run(device_init(rng), 0, cfg.num_iters)
         return rs.params, metrics
 
     return parallel.run_data_parallel(
         device_train, cfg.strategy, cfg.num_devices, axis_name, vmap_seeds
+    )
+
+
+def make_chunked(
+    cfg: DQNConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: bool = False
+) -> parallel.Chunked:
+    """``train`` split into jitted ``init`` and ``run(state, start, n)`` over iterations, so the
+    host can checkpoint the whole runner state (networks, optimizer, replay buffer, envs, RNG)."""
+    device_init, device_run = _device_fns(cfg, axis_name)
+    return parallel.run_chunked(
+        device_init, device_run, cfg.strategy, cfg.num_devices, axis_name, vmap_seeds
     )

@@ -11,10 +11,12 @@ N·E envs (equal up to float summation order; the parity test checks it).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -112,3 +114,94 @@ def run_data_parallel(
         return fn
     mesh = make_mesh(num_devices, (axis_name,))
     return jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+
+
+class Chunked(NamedTuple):
+    """A run split into chunks of updates (for checkpoints): ``init(rng) -> state`` and
+    ``run(state, start, n) -> (state, metrics)`` for updates ``start … start+n−1`` (``n`` static).
+
+    On several devices the state carries a leading device axis (each device's environments, and
+    under ``ps`` its own copy of the optimizer state, differ), sharded over the mesh; with
+    ``vmap_seeds`` a seed axis follows it. ``params(state)`` gives the parameters (device 0's).
+    """
+
+    init: Callable
+    run: Callable
+    params: Callable
+
+
+def _stack(tree):
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+def _unstack(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def run_chunked(
+    device_init: Callable,
+    device_run: Callable,
+    strategy: str,
+    num_devices: int,
+    axis_name: str = DATA_AXIS,
+    vmap_seeds: bool = False,
+) -> Chunked:
+    """:func:`run_data_parallel` for ``device_init(rng) -> state`` and
+    ``device_run(state, start, n) -> (state, metrics)``; their composition over all updates is
+    the whole run, so chunk boundaries change only where the host reads the state."""
+    check_strategy(strategy, num_devices)
+
+    def run_local(state, start, n):
+        one = lambda s: device_run(s, start, n)
+        return jax.vmap(one)(state) if vmap_seeds else one(state)
+
+    init_local = jax.vmap(device_init) if vmap_seeds else device_init
+    get_params = lambda s: s.params
+    if strategy == "single":
+        return Chunked(jax.jit(init_local), jax.jit(run_local, static_argnums=2), get_params)
+    mesh = make_mesh(num_devices, (axis_name,))
+    init = jax.shard_map(
+        lambda k: _stack(init_local(k)),
+        mesh=mesh,
+        in_specs=P(),
+        out_specs=P(axis_name),
+        check_vma=False,
+    )
+
+    def run(state, start, n):
+        def body(s, t):
+            s, metrics = run_local(_unstack(s), t, n)
+            return _stack(s), metrics
+
+        return jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(P(axis_name), P()),
+            out_specs=(P(axis_name), P()),
+            check_vma=False,
+        )(state, start)
+
+    return Chunked(jax.jit(init), jax.jit(run, static_argnums=2), lambda s: _unstack(s.params))
+
+
+def guard_counts(opt_state, server_state: bool, axis_name: str | None):
+    """``[consecutive, total]`` optimizer steps skipped by ``optax.apply_if_finite`` (float32;
+    zeros without the guard), as this device's share of a :func:`pmean`: under a backend whose
+    optimizer state lives on the server (device 0) only that copy counts, scaled by N."""
+    is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    guards = [s for s in jax.tree.leaves(opt_state, is_leaf=is_guard) if is_guard(s)]
+    if not guards:
+        return jnp.zeros(2, jnp.float32)
+    counts = jnp.stack([guards[0].notfinite_count, guards[0].total_notfinite]).astype(jnp.float32)
+    if server_state and axis_name is not None:
+        counts = jnp.where(device_index(axis_name) == 0, counts * lax.axis_size(axis_name), 0.0)
+    return counts
+
+
+def poison(grads, update: jax.Array, nan_at_steps: tuple):
+    """Fault injection: NaN gradients in the (1-based) updates ``nan_at_steps``; the identity
+    (no op at all) when the tuple is empty."""
+    if not nan_at_steps:
+        return grads
+    bad = jnp.isin(update + 1, jnp.asarray(nan_at_steps))
+    return jax.tree.map(lambda g: g + jnp.where(bad, jnp.nan, 0.0).astype(g.dtype), grads)

@@ -52,6 +52,15 @@ class PPOConfig:
     activation: str = "tanh"
     num_devices: int = 1
     strategy: str = "single"
+    # Non-finite guard (issue 9): minibatch steps with NaN/Inf gradients are skipped; the run stops
+    # after max_nonfinite whole updates' worth in a row (0: no guard). nan_at_steps: fault
+    # injection, 1-based updates whose gradients are all NaN.
+    max_nonfinite: int = 0  # off here: the guard changes XLA's fusion, so rounding; train_rl: 10
+    nan_at_steps: tuple = ()
+
+    @property
+    def opt_steps_per_update(self) -> int:
+        return self.update_epochs * self.num_minibatches
 
     @property
     def steps_per_update(self) -> int:
@@ -77,6 +86,8 @@ def validate(cfg: PPOConfig) -> None:
             f"--total_steps ({cfg.total_steps}) is below one update "
             f"({cfg.steps_per_update} env steps)"
         )
+    if cfg.max_nonfinite < 0:
+        raise ConfigError(f"--max_nonfinite must be >= 0, got {cfg.max_nonfinite}")
     if cfg.activation not in ("tanh", "relu"):
         raise ConfigError(f"unknown activation {cfg.activation!r}; choose tanh or relu")
 
@@ -182,14 +193,19 @@ def make_minibatches(batch, perms, num_minibatches: int):
 
 
 def make_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then Adam (ε = 1e-5) with a per-update linear decay to 0."""
-    per_update = cfg.update_epochs * cfg.num_minibatches
+    """Global-norm clipping, then Adam (ε = 1e-5) with a per-update linear decay to 0; under
+    ``optax.apply_if_finite`` when the guard is on, which skips a step with NaN/Inf gradients
+    (the state is kept, the schedule's count does not advance)."""
+    per_update = cfg.opt_steps_per_update
 
     def schedule(count):
         return cfg.learning_rate * (1.0 - (count // per_update) / cfg.num_updates)
 
     lr = schedule if cfg.anneal_lr else cfg.learning_rate
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
+    if cfg.max_nonfinite:
+        return optax.apply_if_finite(tx, cfg.max_nonfinite * per_update)
+    return tx
 
 
 class _Ctx(NamedTuple):
@@ -227,7 +243,7 @@ def _env_step(ctx: _Ctx, carry, _):
     return (params, env_state, next_obs, rng), t
 
 
-def _minibatch_step(ctx: _Ctx, carry, mb: Batch):
+def _minibatch_step(ctx: _Ctx, update_idx, carry, mb: Batch):
     params, opt_state = carry
     cfg = ctx.cfg
     loss_fn = partial(
@@ -239,11 +255,12 @@ def _minibatch_step(ctx: _Ctx, carry, mb: Batch):
         ent_coef=cfg.ent_coef,
     )
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = parallel.poison(grads, update_idx, cfg.nan_at_steps)
     params, opt_state = ctx.sync.update(grads, opt_state, params)
     return (params, opt_state), {"loss": loss, **metrics}
 
 
-def _epoch(ctx: _Ctx, batch: Batch, carry, _):
+def _epoch(ctx: _Ctx, batch: Batch, update_idx, carry, _):
     params, opt_state, rng = carry
     cfg = ctx.cfg
     rng, k_perm = jax.random.split(rng)
@@ -252,7 +269,9 @@ def _epoch(ctx: _Ctx, batch: Batch, carry, _):
     mbs = make_minibatches(batch, perms, cfg.num_minibatches)
     # Normalise all minibatches of the epoch at once: one all-reduce instead of one per minibatch.
     mbs = mbs._replace(advantage=normalize_advantages(mbs.advantage, ctx.axis))
-    (params, opt_state), metrics = lax.scan(partial(_minibatch_step, ctx), (params, opt_state), mbs)
+    (params, opt_state), metrics = lax.scan(
+        partial(_minibatch_step, ctx, update_idx), (params, opt_state), mbs
+    )
     return (params, opt_state, rng), metrics
 
 
@@ -270,11 +289,18 @@ def _update(ctx: _Ctx, rs: RunnerState, update_idx):
     window = envs_lib.window_update(rs.window, finished[..., 0], finished[..., 1] > 0)
     batch, rng = parallel.after(finished, (batch, rng))
     (params, opt_state, rng), metrics = lax.scan(
-        partial(_epoch, ctx, batch), (rs.params, rs.opt_state, rng), None, cfg.update_epochs
+        partial(_epoch, ctx, batch, update_idx),
+        (rs.params, rs.opt_state, rng),
+        None,
+        cfg.update_epochs,
     )
-    metrics = parallel.pmean(
-        jax.tree.map(lambda m: jnp.mean(m, dtype=jnp.float32), metrics), ctx.axis
-    )
+    metrics = jax.tree.map(lambda m: jnp.mean(m, dtype=jnp.float32), metrics)
+    if cfg.max_nonfinite:  # reduced with the other metrics: one all-reduce
+        metrics["nonfinite"] = parallel.guard_counts(opt_state, ctx.sync.server_state, ctx.axis)
+    metrics = parallel.pmean(metrics, ctx.axis)
+    if cfg.max_nonfinite:
+        counts = metrics.pop("nonfinite")
+        metrics.update(nonfinite_consecutive=counts[0], nonfinite_steps=counts[1])
     metrics.update(
         env_steps=(update_idx + 1) * cfg.steps_per_update,
         mean_return=envs_lib.window_mean(window),
@@ -283,13 +309,9 @@ def _update(ctx: _Ctx, rs: RunnerState, update_idx):
     return RunnerState(params, opt_state, env_state, obs, window, rng), metrics
 
 
-def make_train(cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: bool = False):
-    """Build ``train(rng) -> (params, metrics)`` for ``cfg``; jit it (and vmap it over seeds).
-
-    ``metrics`` holds one entry per update: ``env_steps`` (all devices), ``mean_return`` (mean of
-    the last 100 finished episodes over all devices; NaN before the first), ``episodes``, and the
-    loss terms averaged over epochs, minibatches and devices.
-    """
+def _device_fns(cfg: PPOConfig, axis_name: str):
+    """``(device_init(rng) -> RunnerState, device_run(rs, start, n) -> (rs, metrics))`` of one
+    device; ``device_run`` scans updates ``start … start+n−1``."""
     validate(cfg)
     env, env_params = envs_lib.make_env(cfg.env)
     net = ActorCritic(env.action_space(env_params).n, cfg.hidden, cfg.activation)
@@ -298,17 +320,49 @@ def make_train(cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: 
         cfg, env, env_params, net, parallel.make_sync(cfg.strategy, make_optimizer(cfg), axis), axis
     )
 
-    def device_train(rng):
+    def device_init(rng):
         rng, k_init, k_reset = jax.random.split(rng, 3)
         obs_shape = env.observation_space(env_params).shape
         params = net.init(k_init, jnp.zeros(obs_shape, jnp.float32))["params"]
         reset_keys = parallel.local_keys(k_reset, cfg.num_envs, cfg.num_devices, axis)
         reset = jax.vmap(partial(envs_lib.stats_reset, env), in_axes=(0, None))
         obs, env_state = reset(reset_keys, env_params)
-        rs = RunnerState(params, ctx.sync.init(params), env_state, obs, envs_lib.window_init(), rng)
-        rs, metrics = lax.scan(partial(_update, ctx), rs, jnp.arange(cfg.num_updates))
+        return RunnerState(
+            params, ctx.sync.init(params), env_state, obs, envs_lib.window_init(), rng
+        )
+
+    def device_run(rs, start, n: int):
+        return lax.scan(partial(_update, ctx), rs, start + jnp.arange(n))
+
+    return device_init, device_run
+
+
+def make_train(cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: bool = False):
+    """Build ``train(rng) -> (params, metrics)`` for ``cfg``; jit it (and vmap it over seeds).
+
+    ``metrics`` holds one entry per update: ``env_steps`` (all devices), ``mean_return`` (mean of
+    the last 100 finished episodes over all devices; NaN before the first), ``episodes``, the
+    loss terms averaged over epochs, minibatches and devices, and with the guard
+    ``nonfinite_consecutive`` / ``nonfinite_steps`` (skipped minibatch steps in a row / in all).
+    """
+    device_init, device_run = _device_fns(cfg, axis_name)
+
+    def device_train(rng):
+        rs, metrics = device_run(device_init(rng), 0, cfg.num_updates)
         return rs.params, metrics
 
     return parallel.run_data_parallel(
         device_train, cfg.strategy, cfg.num_devices, axis_name, vmap_seeds
+    )
+
+
+def make_chunked(
+    cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: bool = False
+) -> parallel.Chunked:
+    """``train`` split into jitted ``init`` and ``run(state, start, n)`` (see
+    :func:`parallel.run_chunked`) so the host can checkpoint the whole runner state between
+    chunks: parameters, optimizer state, env states, last observations, return window, RNG."""
+    device_init, device_run = _device_fns(cfg, axis_name)
+    return parallel.run_chunked(
+        device_init, device_run, cfg.strategy, cfg.num_devices, axis_name, vmap_seeds
     )

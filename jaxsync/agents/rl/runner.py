@@ -35,6 +35,29 @@ class RunConfig:
     repeats: int = 1  # timed runs after compilation; steps/s is their median
     log_every: int = 10_000  # env steps between JSONL records
     metrics_file: str | None = None
+    # Checkpoints and resume (issue 9, see checkpointed.py); "steps" are updates (PPO) or
+    # iterations (DQN). The guard's settings live in the agent config (max_nonfinite, nan_at_steps).
+    workdir: str | None = None
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    resume: bool = True
+    tensorboard: bool = False
+    quiet: bool = True
+
+    # What jaxsync.train's workdir helpers read.
+    @property
+    def steps(self) -> int:
+        from jaxsync.agents.rl.checkpointed import num_updates
+
+        return num_updates(self.agent_cfg)
+
+    @property
+    def strategy(self) -> str:
+        return self.agent_cfg.strategy
+
+    @property
+    def max_nonfinite(self) -> int:
+        return self.agent_cfg.max_nonfinite
 
 
 def agent_config(agent: str, **overrides):
@@ -155,7 +178,19 @@ def log_records(writer: MetricsWriter, result: dict, log_every: int) -> None:
 
 
 def train_and_log(cfg: RunConfig) -> dict:
-    """Run ``cfg`` and write its JSONL metrics, then the summary as the last line."""
+    """Run ``cfg`` and write its JSONL metrics, then the summary as the last line.
+
+    One timed run goes through :func:`checkpointed.train_chunked` (checkpoints, resume, the
+    non-finite stop); ``repeats`` > 1 times whole compiled runs, without a workdir.
+    """
+    if cfg.log_every < 1:
+        raise ConfigError(f"--log_every must be >= 1, got {cfg.log_every}")
+    if cfg.repeats == 1:
+        from jaxsync.agents.rl.checkpointed import train_chunked
+
+        return train_chunked(cfg)
+    if cfg.workdir:
+        raise ConfigError("--repeats > 1 reruns whole trainings; it cannot use --workdir")
     result = run_seeds(cfg.agent, cfg.agent_cfg, cfg.seeds, cfg.seed, cfg.repeats)
     summary = {
         "summary": True,
