@@ -222,11 +222,18 @@ def run_bounded(cmd, cwd: str, timeout_s: float):
         return None, out, err
 
 
+def _relative_to(path: str, root: str) -> str:
+    """``path`` relative to ``root`` (the scripts' working directory) when it lies inside it, so
+    the commands shown in the report carry no path of this machine."""
+    rel = os.path.relpath(path, root)
+    return path if rel.startswith("..") else rel
+
+
 def run_section(
     section: Section, mode: str, results_dir: str, root: str, timeout_s: float, log=print
 ) -> SectionResult:
     """Run one section's script; never raises for the script's own failures."""
-    cmd = section_command(section, mode, results_dir)
+    cmd = section_command(section, mode, _relative_to(results_dir, root))
     result = SectionResult(section, "ok", cmd)
     if not os.path.exists(os.path.join(root, section.script)):
         result.status, result.error = "missing", f"{section.script} does not exist"
