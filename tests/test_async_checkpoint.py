@@ -2,25 +2,18 @@
 flags give the same run, NaN updates are skipped then stop the run, threads mode refuses."""
 
 import dataclasses
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
+import killresume as kr
 import numpy as np
 import pytest
 
 from jaxsync import ConfigError, optim
 from jaxsync.async_ps.staleness import StalenessConfig
 from jaxsync.async_ps.train import AsyncConfig, train_async
-from jaxsync.checkpoint import Checkpointer, scan
+from jaxsync.checkpoint import Checkpointer
 from jaxsync.train import NonFiniteError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "async_ps.py")
 FLAGS = [
     "--cpu_devices=1",
     "--staleness_model=uniform",
@@ -38,67 +31,22 @@ FLAGS = [
 ]
 
 
-def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the experiment emulates its own devices
-    return env
-
-
-def _launch(workdir):
-    return subprocess.Popen(
-        [sys.executable, SCRIPT, *FLAGS, f"--workdir={workdir}"],
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _records(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _untimed(records):
-    return [{k: v for k, v in r.items() if k != "step_time_ms"} for r in records]
-
-
-def _final_state(workdir, step):
-    with Checkpointer(os.path.join(workdir, "checkpoints")) as ck:
-        return jax.device_get(ck.restore(step)[0])
-
-
-def _equal(a, b):
-    return jax.tree.structure(a) == jax.tree.structure(b) and all(
-        map(np.array_equal, jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
 def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
-    ref = _launch(ref_dir)
-    victim = _launch(run_dir)
-    ckpts = os.path.join(run_dir, "checkpoints")
-    while victim.poll() is None and not scan(ckpts):
-        time.sleep(0.01)
-    os.kill(victim.pid, signal.SIGKILL)  # as soon as one checkpoint is finalized
-    assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed_from = scan(ckpts)[-1]
+    ref = kr.launch("async_ps.py", FLAGS, ref_dir)
+    resumed_from = kr.kill_after_first_checkpoint(kr.launch("async_ps.py", FLAGS, run_dir), run_dir)
     assert 0 < resumed_from < 100
-    resumed = _launch(run_dir)
+    resumed = kr.launch("async_ps.py", FLAGS, run_dir)
     assert resumed.wait() == 0, resumed.stderr.read()
     assert ref.wait() == 0, ref.stderr.read()
 
-    ref_records = _records(os.path.join(ref_dir, "metrics.jsonl"))
-    run_records = _records(os.path.join(run_dir, "metrics.jsonl"))
+    ref_records, run_records = kr.records(ref_dir), kr.records(run_dir)
     marker = run_records.index({"event": "resume", "step": resumed_from})
-    after = [r for r in ref_records if r.get("step", 0) > resumed_from or r.get("summary")]
-    assert _untimed(run_records[marker + 1 :]) == _untimed(after)
+    assert kr.untimed(run_records[marker + 1 :]) == kr.untimed(kr.after(ref_records, resumed_from))
     assert run_records[-1]["param_checksum"] == ref_records[-1]["param_checksum"]
     # The whole carry: parameters, Adam state, ring buffer of versions, server version.
-    a, b = _final_state(ref_dir, 100), _final_state(run_dir, 100)
-    assert _equal(a, b) and int(a["state"]["step"]) == 100
+    a, b = kr.checkpointed_state(ref_dir, 100), kr.checkpointed_state(run_dir, 100)
+    assert kr.trees_equal(a, b) and int(a["state"]["step"]) == 100
 
 
 # --- in-process runs: fixed staleness 2 (a ring buffer of 3 versions), chunks of 2 or 4 --------
@@ -121,7 +69,7 @@ def test_same_flags_give_the_same_run(tmp_path):
     for name in ("a", "b"):
         path = tmp_path / f"{name}.jsonl"
         summary = train_async(AsyncConfig(**TINY, metrics_file=str(path)))
-        runs.append((summary["param_checksum"], _untimed(_records(path))))
+        runs.append((summary["param_checksum"], kr.untimed(kr.records(path))))
     assert runs[0] == runs[1]
     assert [r.get("step") for r in runs[0][1][:-1]] == [4, 8]
 
@@ -142,16 +90,16 @@ def test_nan_updates_are_skipped_then_a_stop_inside_a_chunk_keeps_the_last_check
         assert ck.all_steps() == [2, 4, 6]  # nothing saved at or after the stop
         v0, v1, v2 = _versions(ck, 2)
         v4, v5, v6 = _versions(ck, 6)
-    assert _equal(v1, v2) and _equal(v5, v6)  # updates 2 and 6 skipped
-    assert not _equal(v0, v1) and not _equal(v4, v5)
-    records = _records(w / "metrics.jsonl")
+    assert kr.trees_equal(v1, v2) and kr.trees_equal(v5, v6)  # updates 2 and 6 skipped
+    assert not kr.trees_equal(v0, v1) and not kr.trees_equal(v4, v5)
+    records = kr.records(w / "metrics.jsonl")
     assert [r.get("step") for r in records] == [0, 4, 7, 7]  # start, log, stop record, stop
     assert [r["nonfinite_steps"] for r in records[1:3]] == [1, 3]
     assert np.isnan(records[2]["loss"]) and records[-1]["stopped"] == "nonfinite"
     other = StalenessConfig("fixed", 3)
     with pytest.raises(ConfigError, match=r"different run \(--staleness.staleness=2 there, 3"):
         train_async(dataclasses.replace(cfg, staleness=other))
-    assert len(_records(w / "metrics.jsonl")) == 4  # a refused run writes nothing
+    assert len(kr.records(w / "metrics.jsonl")) == 4  # a refused run writes nothing
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,18 @@
 """Real crashes: SIGKILL mid-run then resume is bitwise the uninterrupted run; a kill inside a
 checkpoint write leaves the earlier checkpoints loadable."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
-import jax
+import killresume as kr
 import numpy as np
 
-from jaxsync.checkpoint import TMP_MARK, Checkpointer, scan
+from jaxsync.checkpoint import TMP_MARK, Checkpointer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = kr.ROOT
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
 FLAGS = [
     "--strategy=ps",
@@ -33,61 +31,21 @@ FLAGS = [
 
 
 def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the experiment emulates its own devices
-    return env
-
-
-def _train(workdir, **kw):
-    return subprocess.Popen(
-        [sys.executable, TRAIN, *FLAGS, f"--workdir={workdir}"],
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
-def _records(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _untimed(records):
-    return [{k: v for k, v in r.items() if k != "step_time_ms"} for r in records]
-
-
-def _final_state(workdir):
-    """Every array of the final checkpoint, PRNG keys as their raw data."""
-    with Checkpointer(os.path.join(workdir, "checkpoints")) as ck:
-        tree = ck.restore(200)[0]
-    is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-    return jax.device_get(jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree))
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # it emulates its own
 
 
 def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
-    ref = _train(ref_dir)
-    victim = _train(run_dir)
-    ckpts = os.path.join(run_dir, "checkpoints")
-    while victim.poll() is None and not scan(ckpts):
-        time.sleep(0.01)
-    os.kill(victim.pid, signal.SIGKILL)  # as soon as one checkpoint is finalized
-    assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed_from = scan(ckpts)[-1]
+    ref = kr.launch("train.py", FLAGS, ref_dir)
+    resumed_from = kr.kill_after_first_checkpoint(kr.launch("train.py", FLAGS, run_dir), run_dir)
     assert 0 < resumed_from < 200
-    assert _train(run_dir).wait() == 0
+    assert kr.launch("train.py", FLAGS, run_dir).wait() == 0
     assert ref.wait() == 0, ref.stderr.read()
 
-    ref_records, run_records = _records(ref_dir), _records(run_dir)
+    ref_records, run_records = kr.records(ref_dir), kr.records(run_dir)
     marker = run_records.index({"event": "resume", "step": resumed_from})
-    after = lambda rs: [r for r in rs if r.get("step", 0) > resumed_from or r.get("summary")]
-    assert _untimed(run_records[marker + 1 :]) == _untimed(after(ref_records))
-    a, b = _final_state(ref_dir), _final_state(run_dir)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    assert all(map(np.array_equal, jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert kr.untimed(run_records[marker + 1 :]) == kr.untimed(kr.after(ref_records, resumed_from))
+    assert kr.trees_equal(kr.checkpointed_state(ref_dir, 200), kr.checkpointed_state(run_dir, 200))
 
 
 CRASH_IN_WRITE = textwrap.dedent("""

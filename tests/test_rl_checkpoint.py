@@ -3,25 +3,18 @@ seeds), the same flags give the same run, NaN gradients are skipped then stop th
 checkpoint intact, and DQN resumes its whole state (replay buffer included) bitwise."""
 
 import dataclasses
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
-import jax
+import killresume as kr
 import numpy as np
 import pytest
 
 from jaxsync import ConfigError
 from jaxsync.agents.rl import checkpointed, dqn, ppo, runner
-from jaxsync.checkpoint import Checkpointer, scan
+from jaxsync.checkpoint import Checkpointer
 from jaxsync.train import NonFiniteError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "train_rl.py")
 # 2 envs × 16 steps, 1 epoch of 2 minibatches: 10 updates of 32 env steps, a checkpoint every 2.
 TINY_PPO = dict(num_envs=2, num_steps=16, num_minibatches=2, update_epochs=1, total_steps=320)
 FLAGS = [
@@ -40,40 +33,14 @@ FLAGS = [
 UNTIMED = ("env_steps_per_s", "total_env_steps_per_s", "compile_s", "run_s")
 
 
-def _records(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _untimed(records):
-    return [{k: v for k, v in r.items() if k not in UNTIMED} for r in records]
-
-
-def _state(workdir, step):
-    with Checkpointer(os.path.join(workdir, "checkpoints")) as ck:
-        return jax.device_get(ck.restore(step)[0])
-
-
-def _equal(a, b):
-    return jax.tree.structure(a) == jax.tree.structure(b) and all(
-        map(np.array_equal, jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
 def _launch(workdir, cache):
     # One compilation for the three processes: JAX's persistent cache (same executable, too).
-    env = dict(
-        os.environ,
+    return kr.launch(
+        "train_rl.py",
+        FLAGS,
+        workdir,
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-    return subprocess.Popen(
-        [sys.executable, SCRIPT, *FLAGS, f"--workdir={workdir}"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
     )
 
 
@@ -81,29 +48,23 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     ref_dir, run_dir, cache = str(tmp_path / "ref"), str(tmp_path / "run"), tmp_path / "cache"
     ref = _launch(ref_dir, cache)
     assert ref.wait() == 0, ref.stderr.read()
-    victim = _launch(run_dir, cache)
-    ckpts = os.path.join(run_dir, "checkpoints")
-    while victim.poll() is None and not scan(ckpts):
-        time.sleep(0.005)
-    os.kill(victim.pid, signal.SIGKILL)  # as soon as one checkpoint is finalized
-    assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed_from = scan(ckpts)[-1]
+    resumed_from = kr.kill_after_first_checkpoint(_launch(run_dir, cache), run_dir)
     assert 0 < resumed_from < 10
     resumed = _launch(run_dir, cache)
     assert resumed.wait() == 0, resumed.stderr.read()
 
-    ref = _untimed(_records(os.path.join(ref_dir, "metrics.jsonl")))
-    run = _untimed(_records(os.path.join(run_dir, "metrics.jsonl")))
+    ref = kr.untimed(kr.records(ref_dir), UNTIMED)
+    run = kr.untimed(kr.records(run_dir), UNTIMED)
     assert [r.get("step") for r in ref[:-1]] == [0, 1, 3, 5, 7, 9, 10]
     assert len(ref[1]["mean_return_per_seed"]) == 2
     marker = run.index({"event": "resume", "step": resumed_from})
-    after = [r for r in ref if r.get("step", 0) > resumed_from or r.get("summary")]
-    assert run[marker + 1 :] == after  # the summary too: param_checksum, best and final returns
+    # The records after the resume point, the summary too: param_checksum, best and final returns.
+    assert run[marker + 1 :] == kr.after(ref, resumed_from)
     # Determinism: before the kill, another process with the same flags logged the same numbers.
     before = [r for r in run[1:marker] if r["step"] <= resumed_from]
     assert before and before == [r for r in ref[1:] if 0 < r.get("step", 0) <= resumed_from]
     # The whole runner state of both seeds: params, Adam, env states, obs, window, RNG keys.
-    assert _equal(_state(ref_dir, 10), _state(run_dir, 10))
+    assert kr.trees_equal(kr.checkpointed_state(ref_dir, 10), kr.checkpointed_state(run_dir, 10))
     # A checkpoint only resumes the run it came from; refused before any compilation.
     cfg = runner.RunConfig(
         agent="ppo",
@@ -140,7 +101,7 @@ def _dqn(workdir):
     )
     with pytest.raises(NonFiniteError, match=r"stopped at step 14: .*\(step 12\) is intact"):
         runner.train_and_log(cfg)
-    return _records(workdir / "metrics.jsonl")
+    return kr.records(workdir)
 
 
 def test_nan_steps_are_skipped_then_stop_and_dqn_resumes_its_buffer_bitwise(tmp_path):
@@ -158,9 +119,11 @@ def test_nan_steps_are_skipped_then_stop_and_dqn_resumes_its_buffer_bitwise(tmp_
     shutil.copytree(tmp_path / "ref" / "checkpoints" / "8", tmp_path / "run" / "checkpoints" / "8")
     resumed = _dqn(tmp_path / "run")
     assert resumed[0] == {"event": "resume", "step": 8}
-    assert _untimed(resumed[1:]) == _untimed([r for r in records if r.get("step", 0) > 8])
-    ref_state, run_state = _state(tmp_path / "ref", 12), _state(tmp_path / "run", 12)
-    assert _equal(ref_state, run_state)
+    later = [r for r in records if r.get("step", 0) > 8]
+    assert kr.untimed(resumed[1:], UNTIMED) == kr.untimed(later, UNTIMED)
+    ref_state = kr.checkpointed_state(str(tmp_path / "ref"), 12)
+    run_state = kr.checkpointed_state(str(tmp_path / "run"), 12)
+    assert kr.trees_equal(ref_state, run_state)
     assert run_state["state"]["buffer"]["size"].tolist() == [24, 24]  # seed axis first
 
 
