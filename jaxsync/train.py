@@ -258,10 +258,11 @@ def _config_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _identity(config: dict) -> dict:
-    """The IDENTITY_FIELDS of a config dict, flat (``optim.learning_rate``)."""
+def _identity(config: dict, fields=IDENTITY_FIELDS) -> dict:
+    """The ``fields`` of a config dict, flat (``optim.learning_rate``): what must match between a
+    checkpoint's run and the run resuming it."""
     out = {}
-    for k in IDENTITY_FIELDS:
+    for k in fields:
         v = config.get(k)
         if isinstance(v, dict):
             out.update({f"{k}.{sub}": x for sub, x in v.items() if sub != "total_steps"})
@@ -270,8 +271,12 @@ def _identity(config: dict) -> dict:
     return out
 
 
-def _resume_step(cfg: TrainConfig, ckpt) -> int:
-    """The step to resume from (0: a fresh run), after checking the checkpoint fits the config."""
+def _resume_step(cfg, ckpt, identity=_identity) -> int:
+    """The step to resume from (0: a fresh run), after checking the checkpoint fits the config.
+
+    ``identity(config_dict) -> flat dict`` picks what must match; the other loops (async, RL, GAN)
+    pass their own.
+    """
     step = ckpt.latest_step() if ckpt else None
     if step is None:
         return 0
@@ -280,8 +285,8 @@ def _resume_step(cfg: TrainConfig, ckpt) -> int:
                           "(drop --noresume) or choose a new --workdir")
     if step > cfg.steps:
         raise ConfigError(f"the latest checkpoint is at step {step}, past --steps={cfg.steps}")
-    saved = _identity(ckpt.read_meta(step).get("config", {}))
-    now = _identity(_config_json(cfg))  # optim.total_steps follows --steps: not compared
+    saved = identity(ckpt.read_meta(step).get("config", {}))
+    now = identity(_config_json(cfg))  # optim.total_steps follows --steps: not compared
     diff = [k for k in now if now[k] != saved.get(k)]
     if diff:
         raise ConfigError(f"{ckpt.directory}/{step} comes from a different run ("

@@ -184,30 +184,10 @@ def train_async(cfg: AsyncConfig) -> dict:
     return summary
 
 
-def _flat(config: dict) -> dict:
-    """The ASYNC_IDENTITY_FIELDS of a config dict, flat (``staleness.num_workers``)."""
-    out = {}
-    for k in ASYNC_IDENTITY_FIELDS:
-        v = config.get(k)
-        out.update({f"{k}.{sub}": x for sub, x in v.items()} if isinstance(v, dict) else {k: v})
-    return out
-
-
 def _resume_step(cfg: AsyncConfig, ckpt) -> int:
-    """jaxsync.train's resume checks, then the asynchronous fields of ASYNC_IDENTITY_FIELDS."""
-    start = sync_train._resume_step(cfg, ckpt)
-    if not start:
-        return 0
-    saved = _flat(ckpt.read_meta(start).get("config", {}))
-    now = _flat(sync_train._config_json(cfg))
-    diff = [k for k in now if now[k] != saved.get(k)]
-    if diff:
-        k = diff[0]
-        raise ConfigError(
-            f"{ckpt.directory}/{start} comes from a different run (--{k}={saved.get(k)} there, "
-            f"{now[k]} now); use the same flags or a new --workdir"
-        )
-    return start
+    """jaxsync.train's resume checks over its IDENTITY_FIELDS and the ASYNC_IDENTITY_FIELDS."""
+    fields = sync_train.IDENTITY_FIELDS + ASYNC_IDENTITY_FIELDS
+    return sync_train._resume_step(cfg, ckpt, lambda c: sync_train._identity(c, fields))
 
 
 def _base_summary(cfg, steps, final_loss, eval_metrics, times, params, taus) -> dict:

@@ -205,20 +205,9 @@ GAN_IDENTITY_FIELDS = (
 
 
 def _resume_step(cfg: GANConfig, ckpt) -> int:
-    """jaxsync.train's resume checks, then the GAN's GAN_IDENTITY_FIELDS."""
-    start = sync_train._resume_step(cfg, ckpt)
-    if not start:
-        return 0
-    saved = ckpt.read_meta(start).get("config", {})
-    now = sync_train._config_json(cfg)
-    diff = [k for k in GAN_IDENTITY_FIELDS if now[k] != saved.get(k)]
-    if diff:
-        raise ConfigError(
-            f"{ckpt.directory}/{start} comes from a different run ("
-            + ", ".join(f"--{k}={saved.get(k)} there, {now[k]} now" for k in diff)
-            + "); use the same flags or a new --workdir"
-        )
-    return start
+    """jaxsync.train's resume checks over its IDENTITY_FIELDS and the GAN_IDENTITY_FIELDS."""
+    fields = sync_train.IDENTITY_FIELDS + GAN_IDENTITY_FIELDS
+    return sync_train._resume_step(cfg, ckpt, lambda c: sync_train._identity(c, fields))
 
 
 def train_gan(cfg: GANConfig) -> dict:

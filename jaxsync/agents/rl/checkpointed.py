@@ -75,20 +75,8 @@ def _identity(config: dict) -> dict:
 
 
 def _resume_step(cfg, ckpt) -> int:
-    """jaxsync.train's checks (workdir, --noresume, past the end), then the RL identity."""
-    start = sync_train._resume_step(cfg, ckpt)
-    if not start:
-        return 0
-    saved = _identity(ckpt.read_meta(start).get("config", {}))
-    now = _identity(sync_train._config_json(cfg))
-    diff = [k for k in now if now[k] != saved.get(k)]
-    if diff:
-        k = diff[0]
-        raise ConfigError(
-            f"{ckpt.directory}/{start} comes from a different run (--{k}={saved.get(k)} there, "
-            f"{now[k]} now); use the same flags or a new --workdir"
-        )
-    return start
+    """jaxsync.train's resume checks, with the RL run's identity (agent, seeds, agent config)."""
+    return sync_train._resume_step(cfg, ckpt, _identity)
 
 
 class _Seeds:
