@@ -26,7 +26,12 @@ setup(
         "plots": ["matplotlib>=3.8"],
         # --tensorboard: event files without TensorFlow (flax.metrics.tensorboard imports TF).
         "tensorboard": ["tensorboardX>=2.6"],
-        "test": ["pytest>=8", "ruff>=0.6", "scikit-learn>=1.4", "matplotlib>=3.8",
-                 "tensorboardX>=2.6"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "scikit-learn>=1.4",
+            "matplotlib>=3.8",
+            "tensorboardX>=2.6",
+        ],
     },
 )

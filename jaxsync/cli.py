@@ -18,18 +18,24 @@ FLAGS = flags.FLAGS
 
 
 def define_device_flags(default_devices: int = 8) -> None:
-    flags.DEFINE_integer("cpu_devices", 8, "CPU devices to emulate (>= 1); applied before JAX "
-                         "starts; harmless on GPU/TPU.")
+    flags.DEFINE_integer(
+        "cpu_devices",
+        8,
+        "CPU devices to emulate (>= 1); applied before JAX starts; harmless on GPU/TPU.",
+    )
     flags.DEFINE_integer("num_devices", default_devices, "Devices to train on (>= 1).")
 
 
 def define_model_data_flags() -> None:
     flags.DEFINE_string("model", "mlp", "Model: mlp | cnn | transformer.")
     flags.DEFINE_integer("width", 64, "Hidden width of the model (>= 1).")
-    flags.DEFINE_string("dataset", "teacher",
-                        "Data set: teacher | blobs | linreg (synthetic, from --seed) | digits "
-                        "(scikit-learn's bundled 8x8 digits) | mnist (IDX files in --data_dir) | "
-                        "copy | reverse | sort (seeded toy token tasks for --model=transformer).")
+    flags.DEFINE_string(
+        "dataset",
+        "teacher",
+        "Data set: teacher | blobs | linreg (synthetic, from --seed) | digits "
+        "(scikit-learn's bundled 8x8 digits) | mnist (IDX files in --data_dir) | "
+        "copy | reverse | sort (seeded toy token tasks for --model=transformer).",
+    )
     flags.DEFINE_string("data_dir", None, "Folder holding the MNIST IDX files (--dataset=mnist).")
     flags.DEFINE_integer("batch_size", 256, "Global batch size over all devices (>= 1).")
     flags.DEFINE_integer("steps", 200, "Training steps (>= 1).")
@@ -37,11 +43,16 @@ def define_model_data_flags() -> None:
 
 
 def define_optim_flags() -> None:
-    flags.DEFINE_string("optimizer", "sgd",
-                        "Optimizer: sgd | momentum | nesterov | adam | adamw | rmsprop.")
+    flags.DEFINE_string(
+        "optimizer", "sgd", "Optimizer: sgd | momentum | nesterov | adam | adamw | rmsprop."
+    )
     flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate after warmup (> 0).")
-    flags.DEFINE_string("schedule", "constant", "Learning-rate schedule: constant | cosine | "
-                        "linear (linear warmup, then cosine / linear decay to 0 at --steps).")
+    flags.DEFINE_string(
+        "schedule",
+        "constant",
+        "Learning-rate schedule: constant | cosine | "
+        "linear (linear warmup, then cosine / linear decay to 0 at --steps).",
+    )
     flags.DEFINE_integer("warmup_steps", 0, "Linear warmup steps from 0 to --learning_rate (>= 0).")
     flags.DEFINE_float("momentum", 0.9, "Momentum for momentum / nesterov, in [0, 1).")
     flags.DEFINE_float("weight_decay", 1e-4, "Decoupled weight decay for adamw (>= 0).")
@@ -50,28 +61,59 @@ def define_optim_flags() -> None:
 
 def define_logging_flags() -> None:
     flags.DEFINE_integer("log_every", 20, "Write a metrics line every this many steps (>= 1).")
-    flags.DEFINE_integer("eval_every", 100, "Evaluate on the held-out split every this many "
-                         "steps (>= 1).")
-    flags.DEFINE_string("metrics_file", None, "JSONL metrics path (one object per logged step, "
-                        "then a summary object).")
+    flags.DEFINE_integer(
+        "eval_every", 100, "Evaluate on the held-out split every this many steps (>= 1)."
+    )
+    flags.DEFINE_string(
+        "metrics_file",
+        None,
+        "JSONL metrics path (one object per logged step, then a summary object).",
+    )
 
 
 def define_checkpoint_flags() -> None:
     """Run folder, checkpoints, resume, non-finite guard and TensorBoard (jaxsync.checkpoint)."""
-    flags.DEFINE_string("workdir", None, "Run folder: checkpoints/, metrics.jsonl, tensorboard/. "
-                        "A workdir that holds a checkpoint is resumed from the latest one.")
-    flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every this many steps, and "
-                         "at the end (>= 0; 0: only at the end). Needs --workdir.")
-    flags.DEFINE_integer("keep_checkpoints", 3, "Keep the last this many checkpoints (>= 1); "
-                         "older ones are deleted, nothing else in --workdir ever is.")
-    flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --workdir; "
-                      "--noresume refuses to run in a workdir that holds checkpoints.")
-    flags.DEFINE_integer("max_nonfinite", 10, "Skip steps whose gradients hold NaN/Inf and stop "
-                         "after this many in a row (>= 0; 0 disables the guard).")
-    flags.DEFINE_bool("tensorboard", False, "Also write TensorBoard event files to "
-                      "--workdir/tensorboard (needs tensorboardX).")
-    flags.DEFINE_list("nan_at_steps", [], "Fault injection for tests: comma-separated 1-based "
-                      "steps whose global batch gets a NaN input.")
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Run folder: checkpoints/, metrics.jsonl, tensorboard/. "
+        "A workdir that holds a checkpoint is resumed from the latest one.",
+    )
+    flags.DEFINE_integer(
+        "checkpoint_every",
+        100,
+        "Save a checkpoint every this many steps, and "
+        "at the end (>= 0; 0: only at the end). Needs --workdir.",
+    )
+    flags.DEFINE_integer(
+        "keep_checkpoints",
+        3,
+        "Keep the last this many checkpoints (>= 1); "
+        "older ones are deleted, nothing else in --workdir ever is.",
+    )
+    flags.DEFINE_bool(
+        "resume",
+        True,
+        "Continue from the latest checkpoint in --workdir; "
+        "--noresume refuses to run in a workdir that holds checkpoints.",
+    )
+    flags.DEFINE_integer(
+        "max_nonfinite",
+        10,
+        "Skip steps whose gradients hold NaN/Inf and stop "
+        "after this many in a row (>= 0; 0 disables the guard).",
+    )
+    flags.DEFINE_bool(
+        "tensorboard",
+        False,
+        "Also write TensorBoard event files to --workdir/tensorboard (needs tensorboardX).",
+    )
+    flags.DEFINE_list(
+        "nan_at_steps",
+        [],
+        "Fault injection for tests: comma-separated 1-based "
+        "steps whose global batch gets a NaN input.",
+    )
 
 
 def checkpoint_kwargs_from_flags() -> dict:
@@ -106,17 +148,36 @@ def optim_config_from_flags() -> OptimConfig:
 
 def define_distributed_flags() -> None:
     """Flags of a multi-process run (see docs/multihost.md); ``init_runtime`` applies them."""
-    flags.DEFINE_string("distributed", "auto", "Join a multi-process job: auto (when the flags "
-                        "below are set or SLURM / Open MPI / Cloud TPU is detected) | on | off.")
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator; "
-                        "every process must reach it, and the port must be open on that host.")
-    flags.DEFINE_integer("num_processes", None, "Processes in the job (>= 1); with "
-                         "--cpu_devices=M each, the job has num_processes x M devices.")
+    flags.DEFINE_string(
+        "distributed",
+        "auto",
+        "Join a multi-process job: auto (when the flags "
+        "below are set or SLURM / Open MPI / Cloud TPU is detected) | on | off.",
+    )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "host:port of process 0's coordinator; "
+        "every process must reach it, and the port must be open on that host.",
+    )
+    flags.DEFINE_integer(
+        "num_processes",
+        None,
+        "Processes in the job (>= 1); with "
+        "--cpu_devices=M each, the job has num_processes x M devices.",
+    )
     flags.DEFINE_integer("process_id", None, "This process's rank, in [0, --num_processes).")
-    flags.DEFINE_integer("init_timeout", 300, "Seconds to wait for the coordinator and all "
-                         "processes to connect (>= 1).")
-    flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds without a heartbeat after which a "
-                         "process counts as dead and the whole job stops (>= 1).")
+    flags.DEFINE_integer(
+        "init_timeout",
+        300,
+        "Seconds to wait for the coordinator and all processes to connect (>= 1).",
+    )
+    flags.DEFINE_integer(
+        "heartbeat_timeout",
+        100,
+        "Seconds without a heartbeat after which a "
+        "process counts as dead and the whole job stops (>= 1).",
+    )
 
 
 def distributed_config_from_flags():

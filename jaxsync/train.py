@@ -82,19 +82,31 @@ def _single(cfg, loss_fn, tx, model_init):
 
 def _data_parallel(cfg, loss_fn, tx, model_init):
     tx, options = _dist_options(cfg, tx)
-    return make_data_parallel(loss_fn, tx, model_init, backend=cfg.strategy,
-                              num_devices=cfg.num_devices, frontend=cfg.frontend, **options)
+    return make_data_parallel(
+        loss_fn,
+        tx,
+        model_init,
+        backend=cfg.strategy,
+        num_devices=cfg.num_devices,
+        frontend=cfg.frontend,
+        **options,
+    )
 
 
 def _dist_options(cfg, tx):
     """``(tx, make_data_parallel options)``. The sharded optimizer clips by the global norm itself
     (a psum of the slices' squared norms), so it gets the optimizer without clipping."""
-    options = dict(grad_accum=cfg.grad_accum, shard_optimizer=cfg.shard_optimizer,
-                   local_steps=cfg.local_steps, average_opt_state=cfg.average_opt_state,
-                   compression=compression.make_compression(cfg.compression, cfg.topk_ratio))
+    options = dict(
+        grad_accum=cfg.grad_accum,
+        shard_optimizer=cfg.shard_optimizer,
+        local_steps=cfg.local_steps,
+        average_opt_state=cfg.average_opt_state,
+        compression=compression.make_compression(cfg.compression, cfg.topk_ratio),
+    )
     if cfg.shard_optimizer and cfg.optim.clip_norm > 0:
-        tx = optim.make_optimizer(dataclasses.replace(cfg.optim, clip_norm=0.0,
-                                                      total_steps=cfg.steps))
+        tx = optim.make_optimizer(
+            dataclasses.replace(cfg.optim, clip_norm=0.0, total_steps=cfg.steps)
+        )
         tx = optax.apply_if_finite(tx, cfg.max_nonfinite) if cfg.max_nonfinite else tx
         options["clip_norm"] = cfg.optim.clip_norm
     return tx, options
@@ -108,20 +120,32 @@ def _validate_dist(cfg) -> None:
     comp = compression.make_compression(cfg.compression, cfg.topk_ratio)
     if cfg.average_opt_state and not cfg.local_steps:
         raise ConfigError("--average_opt_state needs --local_steps >= 1")
-    if (cfg.shard_optimizer or cfg.local_steps or comp.name != "none") and \
-            cfg.strategy not in ("psum", "ring", "ps"):
-        raise ConfigError("--shard_optimizer, --local_steps and --compression need "
-                          f"--strategy=psum, ring or ps, not {cfg.strategy}")
+    if (cfg.shard_optimizer or cfg.local_steps or comp.name != "none") and cfg.strategy not in (
+        "psum",
+        "ring",
+        "ps",
+    ):
+        raise ConfigError(
+            "--shard_optimizer, --local_steps and --compression need "
+            f"--strategy=psum, ring or ps, not {cfg.strategy}"
+        )
     if cfg.strategy in MODEL_PARALLEL and (cfg.grad_accum > 1 or cfg.precision != "float32"):
-        raise ConfigError(f"--grad_accum and --precision are not supported by --strategy="
-                          f"{cfg.strategy}")
+        raise ConfigError(
+            f"--grad_accum and --precision are not supported by --strategy={cfg.strategy}"
+        )
     if cfg.strategy in ("psum", "ring", "ps"):
-        sync.check_options(cfg.strategy, shard_optimizer=cfg.shard_optimizer,
-                           local_steps=cfg.local_steps, compression=comp)
+        sync.check_options(
+            cfg.strategy,
+            shard_optimizer=cfg.shard_optimizer,
+            local_steps=cfg.local_steps,
+            compression=comp,
+        )
     n = 1 if cfg.strategy in ("single", *MODEL_PARALLEL) else cfg.num_devices
     if cfg.batch_size % (n * cfg.grad_accum):
-        raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by devices x "
-                          f"--grad_accum ({n} x {cfg.grad_accum})")
+        raise ConfigError(
+            f"--batch_size={cfg.batch_size} is not divisible by devices x "
+            f"--grad_accum ({n} x {cfg.grad_accum})"
+        )
 
 
 def _tensor_parallel(cfg, loss_fn, tx, model_init):
@@ -134,9 +158,15 @@ def _pipeline(cfg, loss_fn, tx, model_init):
 
 MODEL_PARALLEL = ("tp", "pp", "dp_tp")  # they check their own batch and mesh sizes
 
-STRATEGIES = {"single": _single, "psum": _data_parallel, "ring": _data_parallel,
-              "ps": _data_parallel, "tp": _tensor_parallel,
-              "dp_tp": _tensor_parallel, "pp": _pipeline}
+STRATEGIES = {
+    "single": _single,
+    "psum": _data_parallel,
+    "ring": _data_parallel,
+    "ps": _data_parallel,
+    "tp": _tensor_parallel,
+    "dp_tp": _tensor_parallel,
+    "pp": _pipeline,
+}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -156,8 +186,10 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.tp_collective not in tensor.TP_COLLECTIVES:
-        raise ConfigError(f"unknown --tp_collective {cfg.tp_collective!r}; "
-                          f"choose from {list(tensor.TP_COLLECTIVES)}")
+        raise ConfigError(
+            f"unknown --tp_collective {cfg.tp_collective!r}; "
+            f"choose from {list(tensor.TP_COLLECTIVES)}"
+        )
     n = 1 if cfg.strategy in ("single", *MODEL_PARALLEL) else cfg.num_devices
     if cfg.batch_size % n:
         raise ConfigError(
@@ -224,8 +256,10 @@ def _build(cfg: TrainConfig):
     """Data set, strategy and eval function of a run."""
     ds = data.load_dataset(cfg.dataset, cfg.seed, cfg.data_dir)
     if cfg.batch_size > len(ds.x_train):
-        raise ConfigError(f"--batch_size={cfg.batch_size} exceeds the {len(ds.x_train)} "
-                          f"training examples of {cfg.dataset}")
+        raise ConfigError(
+            f"--batch_size={cfg.batch_size} exceeds the {len(ds.x_train)} "
+            f"training examples of {cfg.dataset}"
+        )
     model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
     model = precision.apply_policy(model, cfg.precision)  # bf16 compute, float32 master weights
     loss_fn = losses.make_loss_fn(model.apply, ds.task)
@@ -281,17 +315,21 @@ def _resume_step(cfg, ckpt, identity=_identity) -> int:
     if step is None:
         return 0
     if not cfg.resume:
-        raise ConfigError(f"{ckpt.directory} holds checkpoints up to step {step}; resume "
-                          "(drop --noresume) or choose a new --workdir")
+        raise ConfigError(
+            f"{ckpt.directory} holds checkpoints up to step {step}; resume "
+            "(drop --noresume) or choose a new --workdir"
+        )
     if step > cfg.steps:
         raise ConfigError(f"the latest checkpoint is at step {step}, past --steps={cfg.steps}")
     saved = identity(ckpt.read_meta(step).get("config", {}))
     now = identity(_config_json(cfg))  # optim.total_steps follows --steps: not compared
     diff = [k for k in now if now[k] != saved.get(k)]
     if diff:
-        raise ConfigError(f"{ckpt.directory}/{step} comes from a different run ("
-                          + ", ".join(f"--{k}={saved.get(k)} there, {now[k]} now" for k in diff)
-                          + "); use the same flags or a new --workdir")
+        raise ConfigError(
+            f"{ckpt.directory}/{step} comes from a different run ("
+            + ", ".join(f"--{k}={saved.get(k)} there, {now[k]} now" for k in diff)
+            + "); use the same flags or a new --workdir"
+        )
     return step
 
 
@@ -324,20 +362,32 @@ def _loop(cfg, ds, strategy, evaluate, ckpt, state, rng, start, carried, writers
         if step % cfg.eval_every == 0 or step == cfg.steps:
             eval_metrics = _flat_eval(evaluate(strategy.params(state), ds.x_test, ds.y_test))
         if step % cfg.log_every == 0 or step == cfg.steps or nonfinite[0] >= cfg.max_nonfinite > 0:
-            record = {"step": step, **to_python(metrics), **eval_metrics,
-                      "nonfinite_steps": nonfinite[1],
-                      "step_time_ms": median_ms(times[-cfg.log_every:])}
+            record = {
+                "step": step,
+                **to_python(metrics),
+                **eval_metrics,
+                "nonfinite_steps": nonfinite[1],
+                "step_time_ms": median_ms(times[-cfg.log_every :]),
+            }
             for w in writers:
                 w.write(record)
             if not cfg.quiet:
                 progress.report(step, record)
         if cfg.max_nonfinite and nonfinite[0] >= cfg.max_nonfinite:
             _stop_nonfinite(cfg, ckpt, step, writers)
-        if ckpt is not None and (step == cfg.steps or (
-                cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            ckpt.save(step, {"state": state, "rng": rng},
-                      {"config": _config_json(cfg), "data_position": step, "record": record,
-                       "eval": eval_metrics})
+        if ckpt is not None and (
+            step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        ):
+            ckpt.save(
+                step,
+                {"state": state, "rng": rng},
+                {
+                    "config": _config_json(cfg),
+                    "data_position": step,
+                    "record": record,
+                    "eval": eval_metrics,
+                },
+            )
     summary = {
         "summary": True,
         "strategy": cfg.strategy,
@@ -382,8 +432,15 @@ def nonfinite_counts(state) -> tuple[int, int]:
 def _stop_nonfinite(cfg, ckpt, step, writers):
     last = ckpt.latest_step() if ckpt is not None else None
     kept = f"the last checkpoint (step {last}) is intact" if last is not None else "no checkpoint"
-    writers[0].write({"summary": True, "stopped": "nonfinite", "step": step,
-                      "strategy": cfg.strategy, "steps": cfg.steps})
+    writers[0].write(
+        {
+            "summary": True,
+            "stopped": "nonfinite",
+            "step": step,
+            "strategy": cfg.strategy,
+            "steps": cfg.steps,
+        }
+    )
     raise NonFiniteError(
         f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had NaN/Inf gradients and "
         f"were skipped (--max_nonfinite={cfg.max_nonfinite}); {kept}; try lower "

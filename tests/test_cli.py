@@ -14,8 +14,14 @@ TRAIN = os.path.join(ROOT, "experiments", "train.py")
 def run_train(*args, timeout=180):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the experiment emulates its own devices
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, TRAIN, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def test_default_run_writes_metrics_and_summary(tmp_path):

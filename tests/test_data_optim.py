@@ -78,8 +78,11 @@ def test_clipping_bounds_the_global_norm():
 
 
 def test_bad_optimizer_values():
-    for bad in (optim.OptimConfig("lion9"), optim.OptimConfig(learning_rate=-1.0),
-                optim.OptimConfig(schedule="step")):
+    for bad in (
+        optim.OptimConfig("lion9"),
+        optim.OptimConfig(learning_rate=-1.0),
+        optim.OptimConfig(schedule="step"),
+    ):
         with pytest.raises(ConfigError):
             optim.make_optimizer(bad)
 

@@ -47,8 +47,7 @@ def assert_close(tree_a, tree_b, rtol=1e-5):
 @pytest.mark.parametrize("backend", ["psum", "ring", "ps"])
 def test_parity_with_single_device(backend, frontend, opt, n):
     tx = optim.make_optimizer(OPTS[opt])
-    strategy = make_data_parallel(LOSS, tx, INIT, backend=backend, num_devices=n,
-                                  frontend=frontend)
+    strategy = make_data_parallel(LOSS, tx, INIT, backend=backend, num_devices=n, frontend=frontend)
     params, seen = run(strategy, n * PER_DEVICE)
     ref_params, ref_losses = reference(opt, n)
     assert_close(params, ref_params)

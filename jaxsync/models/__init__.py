@@ -11,8 +11,9 @@ from jaxsync.models.transformer import make_transformer
 
 MODELS = {
     "mlp": lambda num_outputs, width: MLP(features=(width, width), num_outputs=num_outputs),
-    "cnn": lambda num_outputs, width: CNN(channels=(width // 4 or 1, width // 2 or 1),
-                                          num_outputs=num_outputs),
+    "cnn": lambda num_outputs, width: CNN(
+        channels=(width // 4 or 1, width // 2 or 1), num_outputs=num_outputs
+    ),
     "transformer": lambda num_outputs, width: make_transformer(num_outputs, width),
 }
 
