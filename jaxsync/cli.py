@@ -133,6 +133,27 @@ def checkpoint_kwargs_from_flags() -> dict:
     )
 
 
+def model_data_kwargs_from_flags() -> dict:
+    """The fields of ``define_model_data_flags`` (and the optimizer) as config keyword arguments."""
+    return dict(
+        model=FLAGS.model,
+        width=FLAGS.width,
+        dataset=FLAGS.dataset,
+        data_dir=FLAGS.data_dir,
+        optim=optim_config_from_flags(),
+        batch_size=FLAGS.batch_size,
+        steps=FLAGS.steps,
+        seed=FLAGS.seed,
+    )
+
+
+def logging_kwargs_from_flags() -> dict:
+    """The fields of ``define_logging_flags`` as config keyword arguments."""
+    return dict(
+        log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, metrics_file=FLAGS.metrics_file
+    )
+
+
 def optim_config_from_flags() -> OptimConfig:
     return OptimConfig(
         optimizer=FLAGS.optimizer,
