@@ -35,6 +35,7 @@ from jax import lax
 
 from jaxsync import ConfigError, collectives
 from jaxsync.parallel import local_sgd, zero
+from jaxsync.parallel.common import apply_optimizer
 
 
 class SyncBackend(NamedTuple):
@@ -67,11 +68,6 @@ class CompressedState(NamedTuple):
     comp: Any
 
 
-def _apply(tx, grads, opt_state, params):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-
 def _mean_fn(name: str, axis_name, bucket_bytes=collectives.DEFAULT_BUCKET_BYTES, server: int = 0):
     """``tree -> mean over the axis`` by XLA's all-reduce, the ring, or the parameter server."""
     if name == "psum":
@@ -87,7 +83,7 @@ def _mean_fn(name: str, axis_name, bucket_bytes=collectives.DEFAULT_BUCKET_BYTES
 
 def make_allreduce_backend(name: str, reduce_mean: Callable[[Any], Any], tx) -> SyncBackend:
     """Backend that all-reduces the mean gradient, then applies ``tx`` identically everywhere."""
-    return SyncBackend(name, tx.init, lambda g, s, p: _apply(tx, reduce_mean(g), s, p))
+    return SyncBackend(name, tx.init, lambda g, s, p: apply_optimizer(tx, reduce_mean(g), s, p))
 
 
 def make_psum(tx, axis_name, **_) -> SyncBackend:
@@ -144,7 +140,7 @@ def make_ring(
 
     def update(grads, state, params):
         mean, comp_state = exchange(grads, state.comp)
-        params, opt = _apply(tx, mean, state.opt, params)
+        params, opt = apply_optimizer(tx, mean, state.opt, params)
         return params, CompressedState(opt, comp_state)
 
     # Per-device state: the optimizer state is the same everywhere, the residuals are not.
@@ -189,7 +185,7 @@ def make_ps(
         mean = jax.tree.map(lambda t: t / n, total)
         params, opt_state = lax.cond(
             lax.axis_index(axis_name) == server,
-            lambda a: _apply(tx, *a),
+            lambda a: apply_optimizer(tx, *a),
             lambda a: (a[2], a[1]),
             (mean, opt_state, params),
         )

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 class TrainState(NamedTuple):
@@ -40,8 +41,6 @@ class Strategy(NamedTuple):
 
 def apply_optimizer(tx, grads, opt_state, params):
     """One optax step: ``(grads, opt_state, params) -> (params, opt_state)``."""
-    import optax
-
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
