@@ -7,8 +7,6 @@ are chosen from ``STRATEGIES``, a plain dict from the ``--strategy`` value to a 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 
 import jax
@@ -18,7 +16,6 @@ import optax
 
 from jaxsync import (
     ConfigError,
-    checkpoint,
     compression,
     data,
     distributed,
@@ -26,9 +23,10 @@ from jaxsync import (
     models,
     optim,
     precision,
+    runs,
     sync,
 )
-from jaxsync.metrics import MetricsWriter, Progress, TensorBoardWriter, median_ms, to_python
+from jaxsync.metrics import Progress, median_ms, to_python
 from jaxsync.parallel import pipeline, tensor
 from jaxsync.parallel.common import param_checksum
 from jaxsync.parallel.data_parallel import FRONTENDS, make_data_parallel, make_single
@@ -206,17 +204,6 @@ def make_eval_fn(loss_fn):
     )
 
 
-class NonFiniteError(ConfigError):
-    """Too many consecutive steps had non-finite gradients; the run stopped (exit status 2)."""
-
-
-# Config fields that must match the run a checkpoint came from: they decide what the saved state
-# and the batch sequence mean. Everything else may change on resume (--steps to train longer, the
-# strategy, front end or device count when the state layout fits: psum <-> ring, any N for
-# replicated state); the restore checks every leaf's shape and names the first that differs.
-IDENTITY_FIELDS = ("model", "width", "dataset", "seed", "batch_size", "optim")
-
-
 def train_and_evaluate(cfg: TrainConfig) -> dict:
     """Train, evaluate every ``eval_every`` steps, write JSONL, and return the summary dict.
 
@@ -227,11 +214,12 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
     (``resume=False`` refuses instead). The batch sequence is a pure function of
     (seed, batch size, step), so the data position is the step and a resumed run is bitwise the
     uninterrupted one. Steps with non-finite gradients are skipped (``optax.apply_if_finite``);
-    after ``max_nonfinite`` in a row, :class:`NonFiniteError`, with the last checkpoint kept.
+    after ``max_nonfinite`` in a row, :class:`jaxsync.runs.NonFiniteError`, with the last
+    checkpoint kept. The workdir, resume and writer helpers live in :mod:`jaxsync.runs`.
     """
     validate(cfg)
-    ckpt = _open_workdir(cfg)
-    start = _resume_step(cfg, ckpt)
+    ckpt = runs.open_workdir(cfg)
+    start = runs.resume_step(cfg, ckpt)
     writers = []
     try:
         ds, strategy, evaluate = _build(cfg)
@@ -243,7 +231,7 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
         if start:  # the fresh state is the template: the strategy's shardings and layout
             tree, carried = ckpt.restore(start, template={"state": state, "rng": rng})
             state, rng = tree["state"], tree["rng"]
-        writers = _open_writers(cfg, start)
+        writers = runs.open_writers(cfg, start)
         return _loop(cfg, ds, strategy, evaluate, ckpt, state, rng, start, carried, writers)
     finally:
         for w in writers:
@@ -272,79 +260,6 @@ def _build(cfg: TrainConfig):
     return ds, strategy, make_eval_fn(loss_fn)
 
 
-def _open_workdir(cfg: TrainConfig) -> checkpoint.Checkpointer | None:
-    """Check the run's files before any work; nothing is created until the first write."""
-    for name in ("checkpoint_every", "max_nonfinite"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.tensorboard:
-        if not cfg.workdir:
-            raise ConfigError("--tensorboard writes into --workdir/tensorboard; set --workdir")
-        TensorBoardWriter.check_installed()
-    if not cfg.workdir:
-        return None
-    if os.path.exists(cfg.workdir) and not os.path.isdir(cfg.workdir):
-        raise ConfigError(f"--workdir={cfg.workdir} is a file, not a folder")
-    return checkpoint.Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints)
-
-
-def _config_json(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _identity(config: dict, fields=IDENTITY_FIELDS) -> dict:
-    """The ``fields`` of a config dict, flat (``optim.learning_rate``): what must match between a
-    checkpoint's run and the run resuming it."""
-    out = {}
-    for k in fields:
-        v = config.get(k)
-        if isinstance(v, dict):
-            out.update({f"{k}.{sub}": x for sub, x in v.items() if sub != "total_steps"})
-        else:
-            out[k] = v
-    return out
-
-
-def _resume_step(cfg, ckpt, identity=_identity) -> int:
-    """The step to resume from (0: a fresh run), after checking the checkpoint fits the config.
-
-    ``identity(config_dict) -> flat dict`` picks what must match; the other loops (async, RL, GAN)
-    pass their own.
-    """
-    step = ckpt.latest_step() if ckpt else None
-    if step is None:
-        return 0
-    if not cfg.resume:
-        raise ConfigError(
-            f"{ckpt.directory} holds checkpoints up to step {step}; resume "
-            "(drop --noresume) or choose a new --workdir"
-        )
-    if step > cfg.steps:
-        raise ConfigError(f"the latest checkpoint is at step {step}, past --steps={cfg.steps}")
-    saved = identity(ckpt.read_meta(step).get("config", {}))
-    now = identity(_config_json(cfg))  # optim.total_steps follows --steps: not compared
-    diff = [k for k in now if now[k] != saved.get(k)]
-    if diff:
-        raise ConfigError(
-            f"{ckpt.directory}/{step} comes from a different run ("
-            + ", ".join(f"--{k}={saved.get(k)} there, {now[k]} now" for k in diff)
-            + "); use the same flags or a new --workdir"
-        )
-    return step
-
-
-def _open_writers(cfg: TrainConfig, start: int) -> list:
-    """JSONL (appended inside a workdir, so nothing is lost) and optionally TensorBoard."""
-    path = cfg.metrics_file or (os.path.join(cfg.workdir, "metrics.jsonl") if cfg.workdir else None)
-    jsonl = MetricsWriter(path, append=bool(cfg.workdir))
-    if cfg.workdir:  # readers take the last record of a step: a resume repeats the lost steps
-        jsonl.write({"event": "resume" if start else "start", "step": start})
-    writers = [jsonl]
-    if cfg.tensorboard:
-        writers.append(TensorBoardWriter(os.path.join(cfg.workdir, "tensorboard")))
-    return writers
-
-
 def _loop(cfg, ds, strategy, evaluate, ckpt, state, rng, start, carried, writers) -> dict:
     """Steps ``start+1 .. cfg.steps``: step, guard, eval, log, checkpoint; then the summary."""
     progress = Progress(cfg.steps, start_step=start)
@@ -360,7 +275,7 @@ def _loop(cfg, ds, strategy, evaluate, ckpt, state, rng, start, carried, writers
         if cfg.max_nonfinite:
             nonfinite = nonfinite_counts(state)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            eval_metrics = _flat_eval(evaluate(strategy.params(state), ds.x_test, ds.y_test))
+            eval_metrics = flat_eval(evaluate(strategy.params(state), ds.x_test, ds.y_test))
         if step % cfg.log_every == 0 or step == cfg.steps or nonfinite[0] >= cfg.max_nonfinite > 0:
             record = {
                 "step": step,
@@ -374,7 +289,7 @@ def _loop(cfg, ds, strategy, evaluate, ckpt, state, rng, start, carried, writers
             if not cfg.quiet:
                 progress.report(step, record)
         if cfg.max_nonfinite and nonfinite[0] >= cfg.max_nonfinite:
-            _stop_nonfinite(cfg, ckpt, step, writers)
+            runs.stop_nonfinite(cfg, ckpt, step, writers)
         if ckpt is not None and (
             step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         ):
@@ -382,7 +297,7 @@ def _loop(cfg, ds, strategy, evaluate, ckpt, state, rng, start, carried, writers
                 step,
                 {"state": state, "rng": rng},
                 {
-                    "config": _config_json(cfg),
+                    "config": runs.config_json(cfg),
                     "data_position": step,
                     "record": record,
                     "eval": eval_metrics,
@@ -429,25 +344,7 @@ def nonfinite_counts(state) -> tuple[int, int]:
     return int(np.max(g.notfinite_count)), int(np.max(g.total_notfinite))
 
 
-def _stop_nonfinite(cfg, ckpt, step, writers):
-    last = ckpt.latest_step() if ckpt is not None else None
-    kept = f"the last checkpoint (step {last}) is intact" if last is not None else "no checkpoint"
-    writers[0].write(
-        {
-            "summary": True,
-            "stopped": "nonfinite",
-            "step": step,
-            "strategy": cfg.strategy,
-            "steps": cfg.steps,
-        }
-    )
-    raise NonFiniteError(
-        f"stopped at step {step}: {cfg.max_nonfinite} steps in a row had NaN/Inf gradients and "
-        f"were skipped (--max_nonfinite={cfg.max_nonfinite}); {kept}; try lower "
-        "learning rates or gradient clipping"
-    )
-
-
-def _flat_eval(m) -> dict:
+def flat_eval(m) -> dict:
+    """Eval metrics ``{"loss", "aux": {...}}`` as flat ``eval_<name>`` floats."""
     out = {"loss": m["loss"], **m["aux"]}
     return {f"eval_{k}": float(v) for k, v in to_python(out).items()}

@@ -12,7 +12,7 @@ from jaxsync import ConfigError, optim
 from jaxsync.async_ps.staleness import StalenessConfig
 from jaxsync.async_ps.train import AsyncConfig, train_async
 from jaxsync.checkpoint import Checkpointer
-from jaxsync.train import NonFiniteError
+from jaxsync.runs import NonFiniteError
 
 FLAGS = [
     "--cpu_devices=1",

@@ -14,7 +14,8 @@ import pytest
 from jaxsync import ConfigError, data, losses, models, optim
 from jaxsync.checkpoint import Checkpointer, scan
 from jaxsync.parallel.data_parallel import make_data_parallel
-from jaxsync.train import NonFiniteError, TrainConfig, train_and_evaluate
+from jaxsync.runs import NonFiniteError
+from jaxsync.train import TrainConfig, train_and_evaluate
 
 
 def _tree(v=1.0):

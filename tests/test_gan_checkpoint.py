@@ -13,7 +13,7 @@ from jaxsync import ConfigError
 from jaxsync.agents.gan.train import GANConfig, train_gan
 from jaxsync.checkpoint import Checkpointer
 from jaxsync.parallel.common import param_checksum
-from jaxsync.train import NonFiniteError
+from jaxsync.runs import NonFiniteError
 
 # Chunks of 2 steps only (one compilation): log and checkpoint every 2 of 12 steps.
 FLAGS = [

@@ -13,7 +13,7 @@ import pytest
 from jaxsync import ConfigError
 from jaxsync.agents.rl import checkpointed, dqn, ppo, runner
 from jaxsync.checkpoint import Checkpointer
-from jaxsync.train import NonFiniteError
+from jaxsync.runs import NonFiniteError
 
 # 2 envs × 16 steps, 1 epoch of 2 minibatches: 10 updates of 32 env steps, a checkpoint every 2.
 TINY_PPO = dict(num_envs=2, num_steps=16, num_minibatches=2, update_epochs=1, total_steps=320)

@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsync import ConfigError, data, losses, models, optim
-from jaxsync import train as sync_train
+from jaxsync import ConfigError, data, losses, models, optim, runs
 from jaxsync.async_ps.emulate import make_emulator
 from jaxsync.async_ps.lock import LOCK_POLICIES
 from jaxsync.async_ps.server import ThreadsConfig, run_threads
@@ -49,7 +48,7 @@ from jaxsync.async_ps.staleness import (
 )
 from jaxsync.metrics import Progress, median_ms, to_python
 from jaxsync.parallel.common import param_checksum
-from jaxsync.train import make_eval_fn
+from jaxsync.train import flat_eval, make_eval_fn
 
 MODES = ("emulated", "threads")
 
@@ -88,10 +87,10 @@ class AsyncConfig:
     max_nonfinite: int = 0
     tensorboard: bool = False
     nan_at_steps: tuple[int, ...] = ()  # fault injection: these updates' first push gets a NaN
-    strategy: ClassVar[str] = "async_ps"  # named in summaries (jaxsync.train's helpers too)
+    strategy: ClassVar[str] = "async_ps"  # named in summaries (jaxsync.runs' helpers too)
 
 
-# Beyond jaxsync.train.IDENTITY_FIELDS, what must match the run a checkpoint came from: the
+# Beyond jaxsync.runs.IDENTITY_FIELDS, what must match the run a checkpoint came from: the
 # staleness schedule (and so the ring-buffer size) and the update rule.
 ASYNC_IDENTITY_FIELDS = ("mode", "staleness", "staleness_aware_lr")
 # The options of cli.define_checkpoint_flags: emulated mode only.
@@ -150,7 +149,7 @@ def train_async(cfg: AsyncConfig) -> dict:
     the latest checkpoint; see :func:`jaxsync.train.train_and_evaluate` for the layout and errors.
     """
     validate(cfg)
-    ckpt = sync_train._open_workdir(cfg)
+    ckpt = runs.open_workdir(cfg)
     start = _resume_step(cfg, ckpt)
     writers = []
     try:
@@ -168,7 +167,7 @@ def train_async(cfg: AsyncConfig) -> dict:
         )
         eval_fn = make_eval_fn(loss_fn)
         evaluate = lambda p: eval_fn(p, ds.x_test, ds.y_test)
-        writers = sync_train._open_writers(cfg, start)
+        writers = runs.open_writers(cfg, start)
         if cfg.mode == "emulated":
             if cfg.max_nonfinite:  # skipped inside the jitted update, on the averaged gradient
                 tx = optax.apply_if_finite(tx, cfg.max_nonfinite)
@@ -185,9 +184,9 @@ def train_async(cfg: AsyncConfig) -> dict:
 
 
 def _resume_step(cfg: AsyncConfig, ckpt) -> int:
-    """jaxsync.train's resume checks over its IDENTITY_FIELDS and the ASYNC_IDENTITY_FIELDS."""
-    fields = sync_train.IDENTITY_FIELDS + ASYNC_IDENTITY_FIELDS
-    return sync_train._resume_step(cfg, ckpt, lambda c: sync_train._identity(c, fields))
+    """jaxsync.runs' resume checks over its IDENTITY_FIELDS and the ASYNC_IDENTITY_FIELDS."""
+    fields = runs.IDENTITY_FIELDS + ASYNC_IDENTITY_FIELDS
+    return runs.resume_step(cfg, ckpt, lambda c: runs.identity(c, fields))
 
 
 def _base_summary(cfg, steps, final_loss, eval_metrics, times, params, taus) -> dict:
@@ -292,10 +291,10 @@ def _run_emulated(cfg, ds, params, tx, loss_fn, evaluate, writers, ckpt, start) 
             record = _record(cfg, schedule, metrics, bad, done + bad + 1, eval_metrics, times)
             for w in writers:
                 w.write(record)
-            sync_train._stop_nonfinite(cfg, ckpt, done + bad + 1, writers)
+            runs.stop_nonfinite(cfg, ckpt, done + bad + 1, writers)
         done += count
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            eval_metrics = sync_train._flat_eval(evaluate(state.params))
+            eval_metrics = flat_eval(evaluate(state.params))
         if done % cfg.log_every == 0 or done == cfg.steps:
             record = _record(cfg, schedule, metrics, count - 1, done, eval_metrics, times)
             for w in writers:
@@ -305,7 +304,7 @@ def _run_emulated(cfg, ds, params, tx, loss_fn, evaluate, writers, ckpt, start) 
         if ckpt is not None and (
             done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
         ):
-            meta = {"config": sync_train._config_json(cfg), "data_position": done}
+            meta = {"config": runs.config_json(cfg), "data_position": done}
             ckpt.save(done, {"state": state}, {**meta, "record": record, "eval": eval_metrics})
     return _emulated_summary(cfg, emu, schedule, state, record, eval_metrics, times)
 
@@ -354,7 +353,7 @@ def _run_threads(cfg, ds, params, tx, loss_fn, evaluate, writer) -> dict:
                 "step_time_ms": median_ms(np.diff([r.time_s for r in window]).tolist()),
             }
         )
-    eval_metrics = sync_train._flat_eval(evaluate(res.params))
+    eval_metrics = flat_eval(evaluate(res.params))
     times = np.diff([0.0] + [r.time_s for r in log]).tolist()
     summary = _base_summary(
         cfg,

@@ -5,7 +5,7 @@ writes a JSONL object (losses and D's mean outputs averaged since the previous l
 count of skipped non-finite updates and the sample scores); the last line is a summary.
 
 Checkpoints, resume and the non-finite guard (issue 9) reuse :mod:`jaxsync.checkpoint` and the
-workdir helpers of :mod:`jaxsync.train`: the same layout (``<workdir>/checkpoints``, appended
+workdir helpers of :mod:`jaxsync.runs`: the same layout (``<workdir>/checkpoints``, appended
 ``metrics.jsonl`` with start / resume events, ``tensorboard/``), the same errors. A checkpoint
 holds the whole ``GANState`` (both networks' parameters and optimizer states, per device under
 ``ps``, the step) and the data and eval keys. Batches are a function of (data key, step) and chunk
@@ -24,8 +24,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxsync import ConfigError, optim
-from jaxsync import train as sync_train
+from jaxsync import ConfigError, optim, runs
 from jaxsync.agents.gan import data, gan, metrics, nets, plots
 from jaxsync.metrics import Progress, median_ms, to_python
 from jaxsync.parallel.common import param_checksum
@@ -186,7 +185,7 @@ def chunk_boundaries(cfg: GANConfig) -> list[int]:
     return sorted(marks)
 
 
-# Beyond jaxsync.train.IDENTITY_FIELDS (dataset, width, seed, batch_size), what must match the run
+# Beyond jaxsync.runs.IDENTITY_FIELDS (dataset, width, seed, batch_size), what must match the run
 # a checkpoint came from: what the saved state and the batch sequence mean.
 GAN_IDENTITY_FIELDS = (
     "net",
@@ -205,9 +204,9 @@ GAN_IDENTITY_FIELDS = (
 
 
 def _resume_step(cfg: GANConfig, ckpt) -> int:
-    """jaxsync.train's resume checks over its IDENTITY_FIELDS and the GAN_IDENTITY_FIELDS."""
-    fields = sync_train.IDENTITY_FIELDS + GAN_IDENTITY_FIELDS
-    return sync_train._resume_step(cfg, ckpt, lambda c: sync_train._identity(c, fields))
+    """jaxsync.runs' resume checks over its IDENTITY_FIELDS and the GAN_IDENTITY_FIELDS."""
+    fields = runs.IDENTITY_FIELDS + GAN_IDENTITY_FIELDS
+    return runs.resume_step(cfg, ckpt, lambda c: runs.identity(c, fields))
 
 
 def train_gan(cfg: GANConfig) -> dict:
@@ -217,12 +216,12 @@ def train_gan(cfg: GANConfig) -> dict:
     appended to ``workdir/metrics.jsonl`` (unless ``metrics_file``), resumed from the latest
     checkpoint (see :func:`jaxsync.train.train_and_evaluate` for the layout and errors). With
     ``max_nonfinite``, updates with NaN/Inf gradients are skipped; after ``max_nonfinite`` in a
-    row, :class:`jaxsync.train.NonFiniteError`, the last checkpoint kept.
+    row, :class:`jaxsync.runs.NonFiniteError`, the last checkpoint kept.
     """
     validate(cfg)
     if cfg.plot_dir:
         plots.pyplot()  # fail before training, not after, when matplotlib is missing
-    ckpt = sync_train._open_workdir(cfg)
+    ckpt = runs.open_workdir(cfg)
     start = _resume_step(cfg, ckpt)
     writers = []
     try:
@@ -238,7 +237,7 @@ def train_gan(cfg: GANConfig) -> dict:
                 tree[k] = jax.random.wrap_key_data(
                     np.asarray(jax.random.key_data(key)), impl=jax.random.key_impl(key)
                 )
-        writers = sync_train._open_writers(cfg, start)
+        writers = runs.open_writers(cfg, start)
         return _loop(cfg, parts, trainer, tree, ckpt, start, carried, writers)
     finally:
         for w in writers:
@@ -282,7 +281,7 @@ def _loop(cfg, parts, trainer, tree, ckpt, start, carried, writers) -> dict:
         if ckpt is not None and (
             step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         ):
-            meta = {"config": sync_train._config_json(cfg), "data_position": step}
+            meta = {"config": runs.config_json(cfg), "data_position": step}
             carry = {"scores": scores, "window": window, "nonfinite_steps": nonfinite}
             ckpt.save(step, {**tree, "state": state}, {**meta, **to_python(carry)})
     return _summary(cfg, trainer, state, scores, nonfinite, times, writers[0])
@@ -305,7 +304,7 @@ def _stop_if_nonfinite(cfg, ckpt, writers, step, chunk, guard) -> None:
     record = {"step": step + i + 1, **chunk, "nonfinite_steps": guard["nonfinite_total"][i]}
     for w in writers:
         w.write(record)
-    sync_train._stop_nonfinite(cfg, ckpt, step + i + 1, writers)
+    runs.stop_nonfinite(cfg, ckpt, step + i + 1, writers)
 
 
 def _summary(cfg, trainer, state, scores, nonfinite, times, writer) -> dict:

@@ -16,7 +16,7 @@ first solve. An "update" is a PPO update (rollout + epochs × minibatches) or a 
 Non-finite guard: the agent's optimizer runs under ``optax.apply_if_finite``; the per-update
 metric ``nonfinite_consecutive`` (optimizer steps skipped in a row, any seed) reaching the limit
 (PPO: ``max_nonfinite`` whole updates, DQN: ``max_nonfinite`` gradient steps) stops the run with
-:class:`jaxsync.train.NonFiniteError`; the chunk holding that update is dropped, so the last
+:class:`jaxsync.runs.NonFiniteError`; the chunk holding that update is dropped, so the last
 checkpoint stays the latest.
 """
 
@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsync import ConfigError
-from jaxsync import train as sync_train
+from jaxsync import ConfigError, runs
 from jaxsync.agents.rl import dqn, ppo
 from jaxsync.metrics import Progress, to_python
 from jaxsync.parallel.common import param_checksum
@@ -75,8 +74,8 @@ def _identity(config: dict) -> dict:
 
 
 def _resume_step(cfg, ckpt) -> int:
-    """jaxsync.train's resume checks, with the RL run's identity (agent, seeds, agent config)."""
-    return sync_train._resume_step(cfg, ckpt, _identity)
+    """jaxsync.runs' resume checks, with the RL run's identity (agent, seeds, agent config)."""
+    return runs.resume_step(cfg, ckpt, _identity)
 
 
 class _Seeds:
@@ -129,7 +128,7 @@ class _Seeds:
 def train_chunked(cfg) -> dict:
     """Train ``cfg`` (a ``runner.RunConfig``) chunk by chunk with checkpoints in ``cfg.workdir``;
     JSONL records every ``log_every`` env steps, then the summary; returns the summary."""
-    ckpt = sync_train._open_workdir(cfg)
+    ckpt = runs.open_workdir(cfg)
     start = _resume_step(cfg, ckpt)
     writers = []
     try:
@@ -138,7 +137,7 @@ def train_chunked(cfg) -> dict:
         if start:  # the fresh state is the template: shardings, seed and device layout
             tree, carried = ckpt.restore(start, template={"state": state})
             state = tree["state"]
-        writers = sync_train._open_writers(cfg, start)
+        writers = runs.open_writers(cfg, start)
         summary = _loop(cfg, seeds, state, start, carried, ckpt, writers)
         writers[0].write(summary)
         return summary
@@ -232,13 +231,13 @@ def _loop(cfg, seeds: _Seeds, state, start: int, carried: dict, ckpt, writers) -
         force = bad is not None or done + count == total
         _log(cfg, acc, metrics, done, upto, force, rate, writers, progress)
         if bad is not None:  # the chunk's state is dropped: the last checkpoint stays the latest
-            sync_train._stop_nonfinite(cfg, ckpt, done + bad + 1, writers)
+            runs.stop_nonfinite(cfg, ckpt, done + bad + 1, writers)
         _accumulate(acc, metrics, upto, SOLVED_RETURN)
         state, done = new_state, done + count
         if ckpt is not None and (
             done == total or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
         ):
-            meta = {"config": sync_train._config_json(cfg), "data_position": done}
+            meta = {"config": runs.config_json(cfg), "data_position": done}
             carry = {"record": acc["record"], "last_logged": acc["last"]}
             carry.update({k: acc[k] for k in ("final", "best", "solved_at")})
             ckpt.save(done, {"state": state}, {**meta, **carry})
