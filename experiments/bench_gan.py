@@ -19,9 +19,14 @@ from jaxsync import ConfigError, cli
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["ring8", "grid25"], "Data sets: ring8, grid25, digits.")
 flags.DEFINE_integer("seeds", 5, "Seeds per cell (>= 2 for a standard error).")
-flags.DEFINE_list("remedies", ["pac+r1"], "Remedies compared with the plain GAN: pac, r1, pac+r1.")
+flags.DEFINE_list(
+    "remedies",
+    ["pac+r1"],
+    "Remedies compared with the plain GAN, each '+'-joined from pac, r1, unroll (e.g. pac+r1).",
+)
 flags.DEFINE_integer("pac", 2, "PacGAN packing degree m (>= 2) when --remedies has pac.")
-flags.DEFINE_float("r1_gamma", 0.1, "R1 weight γ when --remedies has r1.")
+flags.DEFINE_float("r1_gamma", None, "R1 weight γ when --remedies has r1; unset: the preset.")
+flags.DEFINE_integer("unroll_steps", None, "Unrolled D updates K; unset: the preset.")
 flags.DEFINE_integer("steps", 0, "Steps per run; 0 takes the per-data-set preset.")
 flags.DEFINE_bool("quick", False, "2 seeds and a quarter of the steps.")
 flags.DEFINE_string("out", "results/bench_gan.json", "JSON output path.")
@@ -34,7 +39,10 @@ def main(argv):
     from jaxsync.agents.gan import benchmark
 
     if "none" in FLAGS.remedies:
-        raise ConfigError("--remedies lists remedies (pac, r1, pac+r1); the plain GAN always runs")
+        raise ConfigError(
+            "--remedies lists remedies (pac, r1, unroll or joined, e.g. pac+r1); the plain GAN "
+            "always runs"
+        )
     if FLAGS.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {FLAGS.seeds}")
     seeds = list(range(2 if FLAGS.quick else FLAGS.seeds))
@@ -47,6 +55,7 @@ def main(argv):
                 FLAGS.quick,
                 pac=FLAGS.pac,
                 r1_gamma=FLAGS.r1_gamma,
+                unroll_steps=FLAGS.unroll_steps,
                 steps=FLAGS.steps or None,
             )
             row = benchmark.run_cell(cfg, benchmark.method_name(cfg), seeds, FLAGS.plot_dir)

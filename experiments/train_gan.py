@@ -45,10 +45,14 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "remedy",
     "pac+r1",
-    "Mode-collapse remedy: none | pac (PacGAN packing) | r1 (R1 gradient penalty) | pac+r1.",
+    "Mode-collapse remedy: none, or '+'-joined pac (PacGAN packing), r1 (R1 gradient penalty), "
+    "unroll (unrolled discriminator), e.g. pac+r1.",
 )
 flags.DEFINE_integer("pac", 2, "PacGAN packing degree m (>= 1) when --remedy has pac.")
 flags.DEFINE_float("r1_gamma", 0.1, "R1 penalty weight γ (>= 0) when --remedy has r1.")
+flags.DEFINE_integer(
+    "unroll_steps", 5, "Unrolled discriminator updates K (>= 1) when --remedy has unroll."
+)
 flags.DEFINE_string("optimizer", "adam", "Optimizer for both nets (jaxsync.optim names).")
 flags.DEFINE_float("g_lr", 1e-3, "Generator peak learning rate (> 0).")
 flags.DEFINE_float("d_lr", 1e-3, "Discriminator peak learning rate (> 0).")
@@ -91,6 +95,7 @@ def main(argv):
         remedy=FLAGS.remedy,
         pac=FLAGS.pac,
         r1_gamma=FLAGS.r1_gamma,
+        unroll_steps=FLAGS.unroll_steps,
         optimizer=FLAGS.optimizer,
         g_lr=FLAGS.g_lr,
         d_lr=FLAGS.d_lr,

@@ -116,7 +116,7 @@ def test_conv_pair_shapes_with_packed_images():
 # ---- data-parallel step == one device with the same global batch ------------------------------
 
 
-def _parts(pac=2, r1=0.1, batch=32):
+def _parts(pac=2, r1=0.1, batch=32, unroll=0, d_tx=None):
     real = data.load_real_data("ring8")
     gen, disc = nets.make_nets("mlp", real.shape, 16, g_depth=2, d_depth=2)
     return gan.GANParts(
@@ -124,11 +124,12 @@ def _parts(pac=2, r1=0.1, batch=32):
         disc,
         real,
         optax.adam(1e-2, b1=0.5),
-        optax.sgd(0.05, momentum=0.9),
+        d_tx or optax.sgd(0.05, momentum=0.9),
         batch,
         2,
         pac=pac,
         r1_gamma=r1,
+        unroll=unroll,
     )
 
 
@@ -150,6 +151,49 @@ def test_data_parallel_matches_single_device(strategy, single_after_3_steps):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
     for k in ("d_loss", "g_loss", "r1"):
         assert float(m[k]) == pytest.approx(float(ref_metrics[k]), rel=1e-4, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def unrolled_single_after_2_steps():
+    parts = _parts(r1=0.0, unroll=2)
+    trainer = gan.make_gan_trainer(parts, "single")
+    return jax.device_get(trainer.run(trainer.init(jax.random.key(1)), jax.random.key(2), 2)[0])
+
+
+@pytest.mark.parametrize("strategy", ["psum", "ring", "ps"])
+def test_unrolled_data_parallel_matches_single_device(strategy, unrolled_single_after_2_steps):
+    # G's gradient runs back through D's synchronised updates (psum / ppermute transposes).
+    ref = unrolled_single_after_2_steps
+    trainer = gan.make_gan_trainer(_parts(r1=0.0, unroll=2), strategy, num_devices=4)
+    state, _ = trainer.run(trainer.init(jax.random.key(1)), jax.random.key(2), 2)
+    for got, want in ((state.g_params, ref.g_params), (state.d_params, ref.d_params)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+def test_unrolled_discriminator_is_k_updates_and_changes_g():
+    parts = _parts(unroll=3)
+    state = gan.init_gan_state(parts, jax.random.key(0))
+    x, z = gan.global_batch(parts, jax.random.key(1), 0)
+    fake = parts.gen.apply({"params": state.g_params}, z)
+    update = gan.single_updates(parts)[0]
+    params, opt = state.d_params, state.d_opt
+    for _ in range(3):
+        grads, _ = jax.grad(lambda p: gan.d_objective(parts, p, x, fake), has_aux=True)(params)
+        params, opt = update(grads, opt, params)
+    got = gan.unrolled_discriminator(parts, update, state.d_params, state.d_opt, x, fake)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, params)
+
+    # A frozen D (learning rate 0) unrolls to itself: the step is the plain GAN's, bit for bit.
+    def g_after_step(**kw):
+        p = _parts(**kw)
+        s = gan.init_gan_state(p, jax.random.key(0))
+        return gan.gan_step(p, *gan.single_updates(p), s, (x, z))[0].g_params
+
+    frozen = optax.sgd(0.0)
+    same = g_after_step(unroll=3, d_tx=frozen), g_after_step(unroll=0, d_tx=frozen)
+    jax.tree.map(np.testing.assert_array_equal, *same)
+    moved = g_after_step(unroll=3), g_after_step(unroll=0)
+    assert not all(jax.tree.leaves(jax.tree.map(np.allclose, *moved)))
 
 
 def test_batch_not_divisible_by_devices_times_pac():

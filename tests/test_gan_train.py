@@ -65,6 +65,9 @@ def test_digits_run_reports_classifier_scores(tmp_path):
     [
         (dict(dataset="mnist"), "unknown dataset"),
         (dict(remedy="unrolled"), "unknown remedy"),
+        (dict(remedy="r1+r1"), "unknown remedy"),
+        (dict(remedy="none+pac"), "unknown remedy"),
+        (dict(remedy="unroll", unroll_steps=0), "unroll_steps"),
         (dict(batch_size=30, num_devices=4), "divisible"),
         (dict(strategy="allgather"), "unknown strategy"),
     ],
@@ -121,3 +124,9 @@ def test_markdown_table_puts_published_numbers_beside_ours():
     }
     line = benchmark.markdown_table([row]).splitlines()[-1]
     assert "7.5 ± 0.5" in line and "GAN: 6.3 ± 0.5 / 98.2 ± 0.2" in line
+
+
+def test_method_names_follow_the_remedies():
+    name = lambda remedy: benchmark.method_name(GANConfig(remedy=remedy, pac=3, unroll_steps=4))
+    assert name("none") == "GAN" and name("r1") == "GAN+R1"
+    assert name("pac+r1") == "PacGAN3+R1" and name("unroll+pac") == "PacGAN3+unrolled4"

@@ -23,7 +23,14 @@ import numpy as np
 
 from jaxsync import ConfigError
 from jaxsync.agents.gan import gan
-from jaxsync.agents.gan.train import GANConfig, make_parts, make_scorer, save_picture, validate
+from jaxsync.agents.gan.train import (
+    GANConfig,
+    make_parts,
+    make_scorer,
+    remedies,
+    save_picture,
+    validate,
+)
 
 # (dataset, method) -> {metric: (mean, standard error)}
 PUBLISHED = {
@@ -155,9 +162,14 @@ PRESETS = {
 
 
 def method_name(cfg: GANConfig) -> str:
-    """Row label: GAN, PacGAN<m>, GAN+R1 or PacGAN<m>+R1."""
-    base = f"PacGAN{cfg.pac}" if "pac" in cfg.remedy else "GAN"
-    return base + ("+R1" if "r1" in cfg.remedy else "")
+    """Row label: GAN or PacGAN<m>, then +R1 and +unrolled<K> for those remedies."""
+    chosen = remedies(cfg.remedy)
+    base = f"PacGAN{cfg.pac}" if "pac" in chosen else "GAN"
+    return (
+        base
+        + ("+R1" if "r1" in chosen else "")
+        + (f"+unrolled{cfg.unroll_steps}" if "unroll" in chosen else "")
+    )
 
 
 def bench_config(dataset: str, remedy: str, quick: bool = False, **overrides) -> GANConfig:

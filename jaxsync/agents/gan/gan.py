@@ -13,6 +13,11 @@ One step alternates: a discriminator update on (x, G(z)), then a generator updat
 - R1 gradient penalty (Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do
   actually Converge?"): L_D += γ/2 · E_x ‖∇_x D(x)‖² on real data, which damps the oscillation
   around the equilibrium that lets the generator hop between modes.
+- Unrolled discriminator (Metz, Poole, Pfau & Sohl-Dickstein 2017, "Unrolled Generative
+  Adversarial Networks"): G minimises its loss against D_K, the discriminator after K more of its
+  own updates on the step's batch, differentiated through those updates, so G sees how D would
+  answer a move to another mode. The unrolled updates are D's real update function (optimizer
+  and synchronisation backend), run on copies; D itself takes one update per step as usual.
 
 Data parallelism: the per-device step is written once with a named axis; each network's local
 gradient is synchronised by its own :mod:`jaxsync.sync` backend (``psum`` | ``ring`` | ``ps``)
@@ -64,6 +69,7 @@ class GANParts(NamedTuple):
     latent_dim: int
     pac: int = 1  # PacGAN packing degree m; 1 = plain GAN
     r1_gamma: float = 0.0  # R1 weight γ; 0 disables
+    unroll: int = 0  # unrolled discriminator updates K in G's loss; 0 disables
     nan_at_steps: tuple[int, ...] = ()  # fault injection: these 1-based steps get a NaN latent
 
 
@@ -97,6 +103,38 @@ def pack(x, m: int):
     return jnp.moveaxis(grouped, 1, -1)
 
 
+def d_objective(parts: GANParts, d_params, x, fake):
+    """D's loss (with the R1 term when ``r1_gamma``) on real ``x`` and generated ``fake``, and its
+    metrics."""
+    d_fn = lambda p, v: parts.disc.apply({"params": p}, v)
+    real_in = pack(x, parts.pac)
+    real_logits = d_fn(d_params, real_in)
+    fake_logits = d_fn(d_params, pack(fake, parts.pac))
+    loss = discriminator_loss(real_logits, fake_logits)
+    r1 = r1_penalty(partial(d_fn, d_params), real_in) if parts.r1_gamma else jnp.zeros(())
+    aux = {
+        "d_loss": loss,
+        "r1": r1,
+        "d_real": jnp.mean(jax.nn.sigmoid(real_logits)),
+        "d_fake": jnp.mean(jax.nn.sigmoid(fake_logits)),
+    }
+    return loss + 0.5 * parts.r1_gamma * r1, aux
+
+
+def unrolled_discriminator(parts: GANParts, d_update, d_params, d_opt, x, fake):
+    """D's parameters after ``parts.unroll`` more updates on ``(x, fake)`` (Metz et al. 2017),
+    a differentiable function of ``fake`` and so of G's parameters. ``d_update`` is D's real
+    update, synchronisation included, so on N devices every unrolled step sees the global batch."""
+
+    def body(carry, _):
+        params, opt = carry
+        grads, _ = jax.grad(partial(d_objective, parts), has_aux=True)(params, x, fake)
+        return d_update(grads, opt, params), None
+
+    (params, _), _ = lax.scan(body, (d_params, d_opt), None, length=parts.unroll)
+    return params
+
+
 def gan_step(parts: GANParts, d_update, g_update, state: GANState, batch):
     """One alternating step on this device's ``batch = (x, z)``.
 
@@ -104,29 +142,18 @@ def gan_step(parts: GANParts, d_update, g_update, state: GANState, batch):
     sync backend's update or, on one device, the plain optimizer.
     """
     x, z = batch
-    d_fn = lambda p, v: parts.disc.apply({"params": p}, v)
     fake = parts.gen.apply({"params": state.g_params}, z)
-
-    def d_objective(d_params):
-        real_in = pack(x, parts.pac)
-        real_logits = d_fn(d_params, real_in)
-        fake_logits = d_fn(d_params, pack(fake, parts.pac))
-        loss = discriminator_loss(real_logits, fake_logits)
-        r1 = r1_penalty(partial(d_fn, d_params), real_in) if parts.r1_gamma else jnp.zeros(())
-        aux = {
-            "d_loss": loss,
-            "r1": r1,
-            "d_real": jnp.mean(jax.nn.sigmoid(real_logits)),
-            "d_fake": jnp.mean(jax.nn.sigmoid(fake_logits)),
-        }
-        return loss + 0.5 * parts.r1_gamma * r1, aux
-
-    d_grads, d_metrics = jax.grad(d_objective, has_aux=True)(state.d_params)
+    d_grads, d_metrics = jax.grad(partial(d_objective, parts), has_aux=True)(
+        state.d_params, x, fake
+    )
     d_params, d_opt = d_update(d_grads, state.d_opt, state.d_params)
 
     def g_objective(g_params):
         fake = parts.gen.apply({"params": g_params}, z)
-        return generator_loss(d_fn(d_params, pack(fake, parts.pac)))
+        judge = d_params
+        if parts.unroll:
+            judge = unrolled_discriminator(parts, d_update, d_params, d_opt, x, fake)
+        return generator_loss(parts.disc.apply({"params": judge}, pack(fake, parts.pac)))
 
     g_loss, g_grads = jax.value_and_grad(g_objective)(state.g_params)
     g_params, g_opt = g_update(g_grads, state.g_opt, state.g_params)

@@ -29,7 +29,18 @@ from jaxsync.agents.gan import data, gan, metrics, nets, plots
 from jaxsync.metrics import Progress, median_ms, to_python
 from jaxsync.parallel.common import param_checksum
 
-REMEDIES = ("none", "pac", "r1", "pac+r1")
+REMEDIES = ("pac", "r1", "unroll")  # --remedy: "none" or these joined by "+", e.g. "pac+r1"
+
+
+def remedies(remedy: str) -> frozenset[str]:
+    """The remedies named by ``--remedy`` ("none" or a "+"-joined subset of :data:`REMEDIES`)."""
+    names = [] if remedy == "none" else remedy.split("+")
+    if any(n not in REMEDIES for n in names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"unknown remedy {remedy!r}; choose none or a '+'-joined subset of {list(REMEDIES)}"
+            " (e.g. pac+r1)"
+        )
+    return frozenset(names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +57,10 @@ class GANConfig:
     width: int = 0  # generator width; 0: 128 for mlp, 32 channels for conv
     d_width: int = 0  # discriminator width; 0: as the generator
     d_depth: int = 2  # discriminator hidden layers (mlp)
-    remedy: str = "pac+r1"  # none | pac | r1 | pac+r1
+    remedy: str = "pac+r1"  # none, or "+"-joined: pac (PacGAN), r1 (R1 penalty), unroll
     pac: int = 2  # PacGAN packing degree when the remedy includes "pac"
     r1_gamma: float = 0.1  # R1 weight γ when the remedy includes "r1"
+    unroll_steps: int = 5  # unrolled D updates K when the remedy includes "unroll"
     optimizer: str = "adam"
     g_lr: float = 1e-3
     d_lr: float = 1e-3
@@ -86,14 +98,14 @@ def validate(cfg: GANConfig) -> None:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose from {sorted(data.DATASETS)}")
     if cfg.strategy not in gan.STRATEGIES:
         raise ConfigError(f"unknown strategy {cfg.strategy!r}; choose from {list(gan.STRATEGIES)}")
-    if cfg.remedy not in REMEDIES:
-        raise ConfigError(f"unknown remedy {cfg.remedy!r}; choose from {list(REMEDIES)}")
+    chosen = remedies(cfg.remedy)
     for name in (
         "steps",
         "batch_size",
         "num_devices",
         "log_every",
         "pac",
+        "unroll_steps",
         "eval_samples",
         "d_depth",
     ):
@@ -107,7 +119,7 @@ def validate(cfg: GANConfig) -> None:
     if not 0 <= cfg.beta1 < 1:
         raise ConfigError(f"--beta1 must be in [0, 1), got {cfg.beta1}")
     n = 1 if cfg.strategy == "single" else cfg.num_devices
-    pac = cfg.pac if "pac" in cfg.remedy else 1
+    pac = cfg.pac if "pac" in chosen else 1
     if cfg.batch_size % (n * pac):
         raise ConfigError(
             f"--batch_size={cfg.batch_size} must be divisible by devices × pac = {n} × {pac}"
@@ -135,6 +147,7 @@ def make_parts(cfg: GANConfig) -> gan.GANParts:
     gen, disc = nets.make_nets(
         cfg.net, real.shape, cfg.net_width, d_width=cfg.d_width, d_depth=cfg.d_depth
     )
+    chosen = remedies(cfg.remedy)
     return gan.GANParts(
         gen,
         disc,
@@ -143,8 +156,9 @@ def make_parts(cfg: GANConfig) -> gan.GANParts:
         make_tx(cfg, cfg.d_lr),
         cfg.batch_size,
         cfg.z_dim,
-        pac=cfg.pac if "pac" in cfg.remedy else 1,
-        r1_gamma=cfg.r1_gamma if "r1" in cfg.remedy else 0.0,
+        pac=cfg.pac if "pac" in chosen else 1,
+        r1_gamma=cfg.r1_gamma if "r1" in chosen else 0.0,
+        unroll=cfg.unroll_steps if "unroll" in chosen else 0,
         nan_at_steps=tuple(cfg.nan_at_steps),
     )
 
@@ -195,6 +209,7 @@ GAN_IDENTITY_FIELDS = (
     "remedy",
     "pac",
     "r1_gamma",
+    "unroll_steps",
     "optimizer",
     "g_lr",
     "d_lr",
