@@ -1,9 +1,9 @@
-"""Mode-coverage benchmark: seeds × {plain GAN, remedies} on ring8 and grid25 (and digits).
+"""Mode-coverage benchmark: seeds × {plain GAN, remedies} on ring8, grid25 and the 8x8 digits.
 
 Seeds train together (vmap) on one device; mean ± standard error beside PacGAN's Table 1. Writes
 a markdown table to stdout, JSON to --out and seed 0's picture per cell under --plot_dir:
 
-  python experiments/bench_gan.py                      # ring8 + grid25, 5 seeds
+  python experiments/bench_gan.py                      # ring8, grid25, digits; 5 seeds
   python experiments/bench_gan.py --datasets=grid25 --remedies=pac+r1,r1 --seeds=3
   python experiments/bench_gan.py --quick              # 2 seeds, a quarter of the steps
   python experiments/bench_gan.py --datasets=digits --seeds=3
@@ -17,7 +17,9 @@ from absl import flags
 from jaxsync import ConfigError, cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("datasets", ["ring8", "grid25"], "Data sets: ring8, grid25, digits.")
+flags.DEFINE_list(
+    "datasets", ["ring8", "grid25", "digits"], "Data sets: ring8, grid25, digits (scikit-learn)."
+)
 flags.DEFINE_integer("seeds", 5, "Seeds per cell (>= 2 for a standard error).")
 flags.DEFINE_list(
     "remedies",
@@ -45,6 +47,12 @@ def main(argv):
         )
     if FLAGS.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {FLAGS.seeds}")
+    for dataset in FLAGS.datasets:  # bad names and a missing scikit-learn fail before any run
+        benchmark.bench_config(dataset, "none")
+        if dataset == "digits":
+            from jaxsync.data import digits
+
+            digits(0)
     seeds = list(range(2 if FLAGS.quick else FLAGS.seeds))
     rows = []
     for dataset in FLAGS.datasets:

@@ -130,3 +130,29 @@ def test_method_names_follow_the_remedies():
     name = lambda remedy: benchmark.method_name(GANConfig(remedy=remedy, pac=3, unroll_steps=4))
     assert name("none") == "GAN" and name("r1") == "GAN+R1"
     assert name("pac+r1") == "PacGAN3+R1" and name("unroll+pac") == "PacGAN3+unrolled4"
+
+
+def test_benchmark_rejects_a_bad_dataset_before_any_run(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments", "bench_gan.py"),
+            "--datasets=ring8,mnist",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown dataset 'mnist'; choose from ['digits', 'grid25', 'ring8']"
+    ]
+    assert not out.exists()
+
+
+def test_bench_config_takes_the_preset_then_overrides():
+    cfg = benchmark.bench_config("grid25", "pac+r1", quick=True, r1_gamma=None, d_lr=1e-3)
+    assert (cfg.steps, cfg.width, cfg.d_depth, cfg.d_lr) == (5000, 256, 3, 1e-3)
+    assert cfg.r1_gamma == GANConfig.r1_gamma  # None: not overridden
