@@ -160,7 +160,7 @@ def unrolled_single_after_2_steps():
     return jax.device_get(trainer.run(trainer.init(jax.random.key(1)), jax.random.key(2), 2)[0])
 
 
-@pytest.mark.parametrize("strategy", ["psum", "ring", "ps"])
+@pytest.mark.parametrize("strategy", ["psum", "ring"])  # ps differentiates ppermute as ring does
 def test_unrolled_data_parallel_matches_single_device(strategy, unrolled_single_after_2_steps):
     # G's gradient runs back through D's synchronised updates (psum / ppermute transposes).
     ref = unrolled_single_after_2_steps
@@ -171,29 +171,24 @@ def test_unrolled_data_parallel_matches_single_device(strategy, unrolled_single_
 
 
 def test_unrolled_discriminator_is_k_updates_and_changes_g():
-    parts = _parts(unroll=3)
+    parts = _parts(unroll=2)
     state = gan.init_gan_state(parts, jax.random.key(0))
     x, z = gan.global_batch(parts, jax.random.key(1), 0)
     fake = parts.gen.apply({"params": state.g_params}, z)
     update = gan.single_updates(parts)[0]
     params, opt = state.d_params, state.d_opt
-    for _ in range(3):
-        grads, _ = jax.grad(lambda p: gan.d_objective(parts, p, x, fake), has_aux=True)(params)
-        params, opt = update(grads, opt, params)
-    got = gan.unrolled_discriminator(parts, update, state.d_params, state.d_opt, x, fake)
+    d_grad = jax.jit(jax.grad(lambda p: gan.d_objective(parts, p, x, fake), has_aux=True))
+    for _ in range(2):
+        params, opt = update(d_grad(params)[0], opt, params)
+    unroll = jax.jit(lambda p, o: gan.unrolled_discriminator(parts, update, p, o, x, fake))
+    got = unroll(state.d_params, state.d_opt)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, params)
-
-    # A frozen D (learning rate 0) unrolls to itself: the step is the plain GAN's, bit for bit.
-    def g_after_step(**kw):
-        p = _parts(**kw)
-        s = gan.init_gan_state(p, jax.random.key(0))
-        return gan.gan_step(p, *gan.single_updates(p), s, (x, z))[0].g_params
-
-    frozen = optax.sgd(0.0)
-    same = g_after_step(unroll=3, d_tx=frozen), g_after_step(unroll=0, d_tx=frozen)
-    jax.tree.map(np.testing.assert_array_equal, *same)
-    moved = g_after_step(unroll=3), g_after_step(unroll=0)
-    assert not all(jax.tree.leaves(jax.tree.map(np.allclose, *moved)))
+    # gan_step uses it: G's update differs from the plain GAN's.
+    plain = parts._replace(unroll=0)
+    step = lambda p: jax.jit(lambda s: gan.gan_step(p, *gan.single_updates(p), s, (x, z))[0])
+    moved = [step(p)(state) for p in (parts, plain)]
+    assert not all(jax.tree.leaves(jax.tree.map(np.allclose, moved[0].g_params, moved[1].g_params)))
+    jax.tree.map(np.testing.assert_array_equal, moved[0].d_params, moved[1].d_params)
 
 
 def test_batch_not_divisible_by_devices_times_pac():
