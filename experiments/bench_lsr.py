@@ -15,7 +15,7 @@ import os
 
 from absl import flags
 
-from jaxsync import ConfigError, cli
+from jaxsync import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["32", "64", "128", "256", "512", "1024"], "Global batches B.")
@@ -41,10 +41,7 @@ flags.DEFINE_integer("cpu_devices", 8, "CPU devices to emulate (>= --num_devices
 def main(argv):
     from jaxsync import scaling
 
-    try:
-        batches = tuple(sorted({int(b) for b in FLAGS.batch_sizes}))
-    except ValueError:
-        raise ConfigError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}") from None
+    batches = tuple(sorted(set(cli.int_list("batch_sizes", FLAGS.batch_sizes))))
     cfg = scaling.LSRConfig(
         batch_sizes=batches,
         base_batch=FLAGS.base_batch,

@@ -87,7 +87,7 @@ def memory_rows():
     loss_fn = losses.make_loss_fn(model.apply, ds.task)
     tx = optim.make_optimizer(optim.OptimConfig("adam", 1e-3))
     rows = []
-    for n in sorted({int(d) for d in _DEVICES.value}):
+    for n in sorted(set(cli.int_list("devices", _DEVICES.value))):
         row = {"N": n}
         for label, shard in (("replicated", False), ("sharded", True)):
             strategy = make_data_parallel(

@@ -172,7 +172,7 @@ def main(argv):
         raise ConfigError(f"--parts must be from quality,speed; got {FLAGS.parts!r}")
     total = 20_480 if FLAGS.quick else FLAGS.total_steps
     seeds = 1 if FLAGS.quick else FLAGS.seeds
-    devices = [int(d) for d in FLAGS.speed_devices.split(",")]
+    devices = cli.int_list("speed_devices", FLAGS.speed_devices)
     quality, curves = run_quality(total, seeds) if "quality" in parts else ([], {})
     speed = run_speed(total, devices, FLAGS.repeats) if "speed" in parts else []
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

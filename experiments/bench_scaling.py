@@ -17,7 +17,7 @@ import os
 
 from absl import flags
 
-from jaxsync import ConfigError, cli
+from jaxsync import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("strategies", ["psum", "ring", "ps"], "Sync backends: psum, ring, ps.")
@@ -42,10 +42,7 @@ flags.DEFINE_integer("cpu_devices", 8, "CPU devices to emulate (>= max of --devi
 def main(argv):
     from jaxsync import scaling
 
-    try:
-        devices = tuple(sorted({int(d) for d in FLAGS.devices}))
-    except ValueError:
-        raise ConfigError(f"--devices must be integers, got {FLAGS.devices}") from None
+    devices = tuple(sorted(set(cli.int_list("devices", FLAGS.devices))))
     quick = FLAGS.quick
     cfg = scaling.ScalingConfig(
         strategies=tuple(FLAGS.strategies),

@@ -116,12 +116,19 @@ def define_checkpoint_flags() -> None:
     )
 
 
+def int_list(name: str, values) -> list[int]:
+    """The flag ``--name``'s comma-separated ``values`` (a list or a string) as integers, or one
+    ConfigError line naming the flag."""
+    items = values.split(",") if isinstance(values, str) else list(values)
+    try:
+        return [int(v) for v in items]
+    except ValueError:
+        raise ConfigError(f"--{name} must be integers, got {values}") from None
+
+
 def checkpoint_kwargs_from_flags() -> dict:
     """The fields of ``define_checkpoint_flags`` as config keyword arguments."""
-    try:
-        nan_at_steps = tuple(int(s) for s in FLAGS.nan_at_steps)
-    except ValueError:
-        raise ConfigError(f"--nan_at_steps must be integers, got {FLAGS.nan_at_steps}") from None
+    nan_at_steps = tuple(int_list("nan_at_steps", FLAGS.nan_at_steps))
     return dict(
         workdir=FLAGS.workdir,
         checkpoint_every=FLAGS.checkpoint_every,

@@ -65,3 +65,12 @@ def test_bad_input_is_one_line_and_nonzero(case, tmp_path):
     assert len(lines) == 1, out.stderr
     assert expected in lines[0] and "Traceback" not in out.stderr
     assert keep.read_text() == "earlier run\n"  # nothing already written is lost
+
+
+def test_int_list_parses_lists_and_strings_and_names_a_bad_flag():
+    from jaxsync import ConfigError, cli
+
+    assert cli.int_list("devices", ["2", "4"]) == [2, 4]
+    assert cli.int_list("speed_devices", "1,2,8") == [1, 2, 8]
+    with pytest.raises(ConfigError, match=r"^--devices must be integers, got 1,x$"):
+        cli.int_list("devices", "1,x")
