@@ -240,14 +240,21 @@ def train_and_evaluate(cfg: TrainConfig) -> dict:
             ckpt.close()
 
 
-def _build(cfg: TrainConfig):
-    """Data set, strategy and eval function of a run."""
+def load_data(cfg) -> data.Dataset:
+    """The run's data set (``cfg.dataset``, ``seed``, ``data_dir``); ConfigError when
+    ``--batch_size`` exceeds its training examples."""
     ds = data.load_dataset(cfg.dataset, cfg.seed, cfg.data_dir)
     if cfg.batch_size > len(ds.x_train):
         raise ConfigError(
             f"--batch_size={cfg.batch_size} exceeds the {len(ds.x_train)} "
             f"training examples of {cfg.dataset}"
         )
+    return ds
+
+
+def _build(cfg: TrainConfig):
+    """Data set, strategy and eval function of a run."""
+    ds = load_data(cfg)
     model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
     model = precision.apply_policy(model, cfg.precision)  # bf16 compute, float32 master weights
     loss_fn = losses.make_loss_fn(model.apply, ds.task)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsync import ConfigError, data, losses, models, optim, runs
+from jaxsync import ConfigError, losses, models, optim, runs
 from jaxsync.async_ps.emulate import make_emulator
 from jaxsync.async_ps.lock import LOCK_POLICIES
 from jaxsync.async_ps.server import ThreadsConfig, run_threads
@@ -48,7 +48,7 @@ from jaxsync.async_ps.staleness import (
 )
 from jaxsync.metrics import Progress, median_ms, to_python
 from jaxsync.parallel.common import param_checksum
-from jaxsync.train import flat_eval, make_eval_fn
+from jaxsync.train import flat_eval, load_data, make_eval_fn
 
 MODES = ("emulated", "threads")
 
@@ -153,12 +153,7 @@ def train_async(cfg: AsyncConfig) -> dict:
     start = _resume_step(cfg, ckpt)
     writers = []
     try:
-        ds = data.load_dataset(cfg.dataset, cfg.seed, cfg.data_dir)
-        if cfg.batch_size > len(ds.x_train):
-            raise ConfigError(
-                f"--batch_size={cfg.batch_size} exceeds the {len(ds.x_train)} "
-                f"training examples of {cfg.dataset}"
-            )
+        ds = load_data(cfg)
         model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
         loss_fn = losses.make_loss_fn(model.apply, ds.task)
         tx = optim.make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
