@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 
-from jaxsync import ConfigError, checkpoint
+from jaxsync import ConfigError, check_at_least, checkpoint
 from jaxsync.metrics import MetricsWriter, TensorBoardWriter
 
 
@@ -34,9 +34,7 @@ IDENTITY_FIELDS = ("model", "width", "dataset", "seed", "batch_size", "optim")
 
 def open_workdir(cfg) -> checkpoint.Checkpointer | None:
     """Check the run's files before any work; nothing is created until the first write."""
-    for name in ("checkpoint_every", "max_nonfinite"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    check_at_least(cfg, ("checkpoint_every", "max_nonfinite"), 0)
     if cfg.tensorboard:
         if not cfg.workdir:
             raise ConfigError("--tensorboard writes into --workdir/tensorboard; set --workdir")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxsync import ConfigError, bench
+from jaxsync import ConfigError, bench, check_at_least
 
 STRONG, WEAK = "strong", "weak"
 
@@ -51,9 +51,7 @@ def validate_scaling(cfg: ScalingConfig) -> None:
             f"--global_batch={cfg.global_batch} must be divisible by every device "
             f"count {list(cfg.devices)}"
         )
-    for name in ("per_device_batch", "width", "repeats"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    check_at_least(cfg, ("per_device_batch", "width", "repeats"), 1)
     if cfg.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {cfg.warmup}")
 

@@ -16,6 +16,7 @@ import optax
 
 from jaxsync import (
     ConfigError,
+    check_at_least,
     compression,
     data,
     distributed,
@@ -177,12 +178,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown model {cfg.model!r}; choose from {sorted(models.MODELS)}")
     if cfg.dataset not in data.DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose from {sorted(data.DATASETS)}")
-    for name in ("batch_size", "steps", "num_devices", "log_every", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("model_parallel", "microbatches"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    check_at_least(cfg, ("batch_size", "steps", "num_devices", "log_every", "eval_every"), 1)
+    check_at_least(cfg, ("model_parallel", "microbatches"), 1)
     if cfg.tp_collective not in tensor.TP_COLLECTIVES:
         raise ConfigError(
             f"unknown --tp_collective {cfg.tp_collective!r}; "

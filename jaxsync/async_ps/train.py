@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsync import ConfigError, losses, models, optim, runs
+from jaxsync import ConfigError, check_at_least, losses, models, optim, runs
 from jaxsync.async_ps.emulate import make_emulator
 from jaxsync.async_ps.lock import LOCK_POLICIES
 from jaxsync.async_ps.server import ThreadsConfig, run_threads
@@ -107,9 +107,7 @@ def validate(cfg: AsyncConfig) -> None:
         raise ConfigError(f"unknown lock policy {cfg.lock!r}; choose from {list(LOCK_POLICIES)}")
     if cfg.model not in models.MODELS:
         raise ConfigError(f"unknown model {cfg.model!r}; choose from {sorted(models.MODELS)}")
-    for name in ("batch_size", "steps", "log_every", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    check_at_least(cfg, ("batch_size", "steps", "log_every", "eval_every"), 1)
     if not cfg.timeout_s > 0:
         raise ConfigError(f"--timeout_s must be > 0, got {cfg.timeout_s}")
     worker_model = cfg.staleness.model in WORKER_MODELS

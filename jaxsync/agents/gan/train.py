@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxsync import ConfigError, optim, runs
+from jaxsync import ConfigError, check_at_least, optim, runs
 from jaxsync.agents.gan import data, gan, metrics, nets, plots
 from jaxsync.metrics import Progress, median_ms, to_python
 from jaxsync.parallel.common import param_checksum
@@ -99,21 +99,21 @@ def validate(cfg: GANConfig) -> None:
     if cfg.strategy not in gan.STRATEGIES:
         raise ConfigError(f"unknown strategy {cfg.strategy!r}; choose from {list(gan.STRATEGIES)}")
     chosen = remedies(cfg.remedy)
-    for name in (
-        "steps",
-        "batch_size",
-        "num_devices",
-        "log_every",
-        "pac",
-        "unroll_steps",
-        "eval_samples",
-        "d_depth",
-    ):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("plot_every", "latent_dim", "width", "d_width"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    check_at_least(
+        cfg,
+        (
+            "steps",
+            "batch_size",
+            "num_devices",
+            "log_every",
+            "pac",
+            "unroll_steps",
+            "eval_samples",
+            "d_depth",
+        ),
+        1,
+    )
+    check_at_least(cfg, ("plot_every", "latent_dim", "width", "d_width"), 0)
     if cfg.r1_gamma < 0:
         raise ConfigError(f"--r1_gamma must be >= 0, got {cfg.r1_gamma}")
     if not 0 <= cfg.beta1 < 1:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxsync import ConfigError
+from jaxsync import ConfigError, check_at_least
 from jaxsync.agents.rl import envs as envs_lib
 from jaxsync.agents.rl import parallel
 from jaxsync.agents.rl.networks import QNetwork
@@ -69,15 +69,17 @@ class DQNConfig:
 
 def validate(cfg: DQNConfig) -> None:
     parallel.check_strategy(cfg.strategy, cfg.num_devices)
-    for name in (
-        "num_envs",
-        "buffer_size",
-        "batch_size",
-        "train_frequency",
-        "target_update_interval",
-    ):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    check_at_least(
+        cfg,
+        (
+            "num_envs",
+            "buffer_size",
+            "batch_size",
+            "train_frequency",
+            "target_update_interval",
+        ),
+        1,
+    )
     if cfg.num_iters < 1:
         raise ConfigError(
             f"--total_steps ({cfg.total_steps}) is below one iteration "

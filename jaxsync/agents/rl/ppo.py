@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxsync import ConfigError
+from jaxsync import ConfigError, check_at_least
 from jaxsync.agents.rl import envs as envs_lib
 from jaxsync.agents.rl import parallel
 from jaxsync.agents.rl.networks import ActorCritic
@@ -73,9 +73,7 @@ class PPOConfig:
 
 def validate(cfg: PPOConfig) -> None:
     parallel.check_strategy(cfg.strategy, cfg.num_devices)
-    for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    check_at_least(cfg, ("num_envs", "num_steps", "update_epochs", "num_minibatches"), 1)
     if cfg.num_steps % cfg.num_minibatches:
         raise ConfigError(
             f"--num_steps ({cfg.num_steps}) must be divisible by "
