@@ -76,9 +76,11 @@ def _mean_fn(name: str, axis_name, bucket_bytes=collectives.DEFAULT_BUCKET_BYTES
         return lambda t: collectives.ring_all_reduce(
             t, axis_name, mean=True, bucket_bytes=bucket_bytes
         )
-    return lambda t: collectives.ps_all_reduce(
-        t, axis_name, mean=True, server=server, bucket_bytes=bucket_bytes
-    )
+    if name == "ps":
+        return lambda t: collectives.ps_all_reduce(
+            t, axis_name, mean=True, server=server, bucket_bytes=bucket_bytes
+        )
+    raise ConfigError(f"no mean all-reduce for backend {name!r}; choose from {list(BACKENDS)}")
 
 
 def make_allreduce_backend(name: str, reduce_mean: Callable[[Any], Any], tx) -> SyncBackend:
@@ -228,16 +230,31 @@ def make_ps(
 BACKENDS = {"psum": make_psum, "ring": make_ring, "ps": make_ps}
 
 
+def backend_names() -> tuple[str, ...]:
+    """The sync backend names, in registry order: the one list every flag and loop uses."""
+    return tuple(BACKENDS)
+
+
+def check_backend(name: str) -> str:
+    """``name`` if it is a registered backend, else ConfigError naming the choices."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown sync backend {name!r}; choose from {list(BACKENDS)}")
+    return name
+
+
 def make_sharded(
     name, tx, axis_name, bucket_bytes=collectives.DEFAULT_BUCKET_BYTES, clip_norm: float = 0.0, **_
 ) -> SyncBackend:
     """ZeRO-1/2 (:mod:`jaxsync.parallel.zero`): reduce-scatter the gradient, update this device's
     slice of the parameters and optimizer state, all-gather the parameters. ``psum`` uses XLA's
     collectives, ``ring`` the hand-written ring."""
+    collectives_of = {"psum": "xla", "ring": "ring"}
+    if name not in collectives_of:
+        raise ConfigError(f"--shard_optimizer needs --strategy=psum or ring, got {name!r}")
     sharded = zero.shard_optimizer(
         tx,
         axis_name,
-        collective="xla" if name == "psum" else "ring",
+        collective=collectives_of[name],
         bucket_bytes=bucket_bytes,
         clip_norm=clip_norm,
     )
@@ -315,8 +332,7 @@ def make_backend(
       compression: a :class:`jaxsync.compression.Compression` for ring / ps gradient exchange.
       **kw: ``bucket_bytes``, ``server``, ``clip_norm``.
     """
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown sync backend {name!r}; choose from {sorted(BACKENDS)}")
+    check_backend(name)
     check_options(
         name, shard_optimizer=shard_optimizer, local_steps=local_steps, compression=compression
     )
