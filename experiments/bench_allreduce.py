@@ -4,13 +4,17 @@ For every device count N and message size S (bytes per device), a float32 global
 (N, S/4) sharded over a 1-D mesh is all-reduced by a jitted `jax.shard_map`; after a warm-up the
 median of --repeats timed runs is reported with algbw = S / time and busbw = algbw * 2(N-1)/N
 (nccl-tests' definitions), and the ring and ps busbw as a fraction of psum's, measured in the same
-run.
+run. The backends are those of `jaxsync.sync.BACKENDS`; `--rings=1,2` times the ring with one
+ring (`ring1`) beside the default two rings in opposite directions (`ring`), and `ring1/ring` is
+the time of one ring over two, measured in the same run.
 
     python experiments/bench_allreduce.py --quick
     python experiments/bench_allreduce.py --devices=8 --min_bytes=4K --max_bytes=64M
+    python experiments/bench_allreduce.py --devices=8 --rings=1,2 --min_bytes=64K --max_bytes=16M
 
 On emulated CPU devices every ppermute is a memcpy inside one process, so absolute numbers are not
-hardware truths; the ratios are.
+hardware truths; the ratios are. `ring/bound` divides the ring's memory traffic, counted from the
+algorithm (`_ring_traffic`, not measured), by its time and by the copy kernel's bandwidth.
 """
 
 import functools
@@ -20,14 +24,22 @@ import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Emulated CPU devices (>= max --devices).")
 _DEVICES = flags.DEFINE_list("devices", ["2", "4", "8"], "Device counts N to run, each >= 2.")
 _MIN_BYTES = flags.DEFINE_string("min_bytes", "4K", "Smallest message per device (K/M suffix).")
 _MAX_BYTES = flags.DEFINE_string("max_bytes", "64M", "Largest message per device (K/M suffix).")
 _FACTOR = flags.DEFINE_integer("factor", 4, "Size multiplier between steps (>= 2).")
-_BACKENDS = flags.DEFINE_list("backends", ["psum", "ring", "ps"], "Backends: psum, ring, ps.")
+_BACKENDS = flags.DEFINE_list(
+    "backends", None, "Sync backends to time (default: every name in jaxsync.sync.BACKENDS)."
+)
+_RINGS = flags.DEFINE_list(
+    "rings",
+    ["2"],
+    "Ring variants when the ring backend runs: 2 (two rings, one per direction: `ring`), "
+    "1 (one ring: `ring1`), or 1,2 for both.",
+)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per point; the median is reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs per point after compilation.")
 _QUICK = flags.DEFINE_bool("quick", False, "Small run: N=8, 64K..4M, 3 repeats (< 1 min).")
@@ -37,6 +49,22 @@ _TUNE_MALLOC = flags.DEFINE_bool(
 _OUTPUT = flags.DEFINE_string("output", "results/bench_allreduce.json", "JSON results path.")
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+# The all-reduce timed for each column: sync backend names, plus ring1 (one ring).
+def _reduce_fns():
+    from jax import lax
+
+    from jaxsync import collectives
+
+    return {
+        "psum": lambda v: lax.psum(v, "data"),
+        "ring": lambda v: collectives.ring_all_reduce(v, "data"),
+        "ring1": lambda v: collectives.ring_all_reduce(v, "data", rings=1),
+        "ps": lambda v: collectives.ps_all_reduce(v, "data"),
+        # Calibration: one read + one write of the buffer per device, i.e. memcpy bandwidth.
+        "copy": lambda v: v + 1.0,
+    }
 
 
 def _parse_bytes(text):
@@ -67,12 +95,40 @@ def _config():
         repeats = _REPEATS.value
     if not devices or min(devices) < 2 or max(devices) > _CPU_DEVICES.value:
         raise app.UsageError(f"--devices must be in [2, --cpu_devices={_CPU_DEVICES.value}]")
-    unknown = set(_BACKENDS.value) - {"psum", "ring", "ps"}
-    if unknown or not _BACKENDS.value:
-        raise app.UsageError(f"--backends takes psum, ring, ps; got {_BACKENDS.value}")
     if repeats < 1 or _WARMUP.value < 0:
         raise app.UsageError("need --repeats >= 1 and --warmup >= 0")
     return devices, sizes, repeats
+
+
+def _columns():
+    """The timed columns: backends in registry order, the ring expanded into its --rings variants.
+
+    Raises ConfigError for an unknown backend name or ring count.
+    """
+    from jaxsync import ConfigError, sync
+
+    names = _BACKENDS.value or list(sync.backend_names())
+    if not names:
+        raise ConfigError("--backends is empty")
+    for name in names:
+        sync.check_backend(name)
+    rings = set(_RINGS.value)
+    if not rings or rings - {"1", "2"}:
+        raise ConfigError(f"--rings takes 1, 2 or 1,2; got {_RINGS.value}")
+    columns = []
+    for name in names:
+        if name == "ring":
+            columns += [c for r, c in (("2", "ring"), ("1", "ring1")) if r in rings]
+        else:
+            columns.append(name)
+    missing = [c for c in columns if c not in _REDUCE_NAMES]
+    if missing:
+        raise ConfigError(f"no all-reduce benchmark for backend(s) {missing}")
+    return columns
+
+
+_REDUCE_NAMES = ("psum", "ring", "ring1", "ps")
+_RATIOS = ("ring/psum", "ring1/psum", "ps/psum")
 
 
 def _tune_malloc():
@@ -141,34 +197,24 @@ def _ring_traffic(n):
     return (n - 1) / n * 5 + 2 / n + (n - 1) / n * 2 + 2
 
 
-def _run(devices, sizes, repeats):
+def _run(devices, sizes, repeats, columns):
     import jax
-    from jax import lax
     from jax.sharding import PartitionSpec as P
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from jaxsync import collectives
-
-    reduce_fns = {
-        "psum": lambda v: lax.psum(v, "data"),
-        "ring": lambda v: collectives.ring_all_reduce(v, "data"),
-        "ps": lambda v: collectives.ps_all_reduce(v, "data"),
-        # Calibration: one read + one write of the buffer per device, i.e. memcpy bandwidth.
-        "copy": lambda v: v + 1.0,
-    }
+    reduce_fns = _reduce_fns()
     rows = []
     for n in devices:
         mesh = jax.make_mesh(
             (n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
         )
         sharding = jax.sharding.NamedSharding(mesh, P("data"))
-        names = list(_BACKENDS.value) + ["copy"]
+        names = columns + ["copy"]
         fns = {name: _compile(jax, reduce_fns[name], mesh, P("data")) for name in names}
         for size in sizes:
             make_input = functools.partial(_zeros, jax, (n, size // 4), sharding)
             seconds, cpu_seconds = _time_point(fns, make_input, repeats)
             row = {"devices": n, "bytes": size}
-            for name in _BACKENDS.value:
+            for name in columns:
                 algbw = size / seconds[name] / 1e9
                 row[name] = {
                     "us": seconds[name] * 1e6,
@@ -176,41 +222,59 @@ def _run(devices, sizes, repeats):
                     "algbw": algbw,
                     "busbw": algbw * 2 * (n - 1) / n,
                 }
-            for name in ("ring", "ps"):
+            for ratio in _RATIOS:
+                name = ratio.split("/")[0]
                 if name in row and "psum" in row:
-                    row[f"{name}/psum"] = row[name]["busbw"] / row["psum"]["busbw"]
-                    row[f"{name}/psum_cpu"] = cpu_seconds["psum"] / cpu_seconds[name]
-            # Memory bandwidth the ring achieves (its traffic / time) over the copy kernel's.
+                    row[ratio] = row[name]["busbw"] / row["psum"]["busbw"]
+                    row[f"{ratio}_cpu"] = cpu_seconds["psum"] / cpu_seconds[name]
+            if "ring" in row and "ring1" in row:  # > 1: two rings take less time than one
+                row["ring1/ring"] = seconds["ring1"] / seconds["ring"]
+                row["ring1/ring_cpu"] = cpu_seconds["ring1"] / cpu_seconds["ring"]
+            # The ring's counted memory traffic / its time, over the copy kernel's bandwidth.
             copy_bw = 2 * size / seconds["copy"]
             row["copy_us"] = seconds["copy"] * 1e6
-            if "ring" in row:
-                row["ring/bound"] = _ring_traffic(n) * size / seconds["ring"] / copy_bw
+            for name in ("ring", "ring1"):
+                if name in row:
+                    row[f"{name}/bound"] = _ring_traffic(n) * size / seconds[name] / copy_bw
             rows.append(row)
-            print(_format_row(row), flush=True)
+            print(_format_row(row, columns), flush=True)
     return rows
 
 
-def _header():
-    cols = ["N", "bytes"]
-    for name in _BACKENDS.value:
-        cols += [f"{name} us", f"{name} algbw GB/s", f"{name} busbw GB/s"]
-    cols += [c for c in ("ring/psum", "ps/psum") if c.split("/")[0] in _BACKENDS.value]
-    cols += [c + " (cpu)" for c in ("ring/psum", "ps/psum") if c.split("/")[0] in _BACKENDS.value]
-    if "psum" not in _BACKENDS.value:
-        cols = [c for c in cols if "/psum" not in c]
-    cols += ["copy us"] + (["ring/bound"] if "ring" in _BACKENDS.value else [])
-    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+def _cells(columns):
+    """(header, key or (backend, field), format) of every printed column."""
+    cells = [("N", "devices", "d"), ("bytes", "bytes", "h")]
+    for name in columns:
+        cells += [
+            (f"{name} us", (name, "us"), ".0f"),
+            (f"{name} algbw GB/s", (name, "algbw"), ".2f"),
+            (f"{name} busbw GB/s", (name, "busbw"), ".2f"),
+        ]
+    ratios = [r for r in _RATIOS if r.split("/")[0] in columns and "psum" in columns]
+    if "ring" in columns and "ring1" in columns:
+        ratios.append("ring1/ring")
+    cells += [(r, r, ".2f") for r in ratios]
+    cells += [(f"{r} (cpu)", f"{r}_cpu", ".2f") for r in ratios]
+    cells.append(("copy us", "copy_us", ".0f"))
+    cells += [
+        (f"{name}/bound (traffic counted)", f"{name}/bound", ".2f")
+        for name in ("ring", "ring1")
+        if name in columns
+    ]
+    return cells
 
 
-def _format_row(row):
-    cells = [str(row["devices"]), _human(row["bytes"])]
-    for name in _BACKENDS.value:
-        r = row[name]
-        cells += [f"{r['us']:.0f}", f"{r['algbw']:.2f}", f"{r['busbw']:.2f}"]
-    cells += [f"{row[k]:.2f}" for k in ("ring/psum", "ps/psum") if k in row]
-    cells += [f"{row[k]:.2f}" for k in ("ring/psum_cpu", "ps/psum_cpu") if k in row]
-    cells += [f"{row['copy_us']:.0f}"] + ([f"{row['ring/bound']:.2f}"] if "ring" in row else [])
-    return "| " + " | ".join(cells) + " |"
+def _header(columns):
+    heads = [c[0] for c in _cells(columns)]
+    return "| " + " | ".join(heads) + " |\n|" + "---|" * len(heads)
+
+
+def _format_row(row, columns):
+    out = []
+    for _, key, spec in _cells(columns):
+        value = row[key[0]][key[1]] if isinstance(key, tuple) else row[key]
+        out.append(_human(value) if spec == "h" else format(value, spec))
+    return "| " + " | ".join(out) + " |"
 
 
 def _human(size):
@@ -221,32 +285,33 @@ def _human(size):
 
 
 def main(argv):
+    from jaxsync import ConfigError
+
     try:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         devices, sizes, repeats = _config()
-    except app.UsageError as error:  # one line, not absl's full usage text
-        print(f"bench_allreduce: {error}", file=sys.stderr)
+        columns = _columns()
+    except (app.UsageError, ConfigError) as error:  # one line, not absl's full usage text
+        print(f"bench_allreduce: error: {error}", file=sys.stderr)
         sys.exit(2)
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
-    )
-    if "jax" in sys.modules:
-        raise RuntimeError("jax was imported before the device count was set")
     if _TUNE_MALLOC.value:
         _tune_malloc()
-    print(_header(), flush=True)
-    rows = _run(devices, sizes, repeats)
+    logging.set_verbosity(logging.WARNING)  # hide JAX's backend-probe INFO lines
+    from jaxsync import mesh
+
+    mesh.set_cpu_devices(_CPU_DEVICES.value)
+    print(_header(columns), flush=True)
+    rows = _run(devices, sizes, repeats, columns)
     parent = os.path.dirname(_OUTPUT.value)
     if parent:
         os.makedirs(parent, exist_ok=True)
     with open(_OUTPUT.value, "w") as f:
-        json.dump(
-            {"flags": {"cpu_devices": _CPU_DEVICES.value, "repeats": repeats}, "rows": rows}, f
-        )
+        flags_used = {"cpu_devices": _CPU_DEVICES.value, "repeats": repeats, "columns": columns}
+        json.dump({"flags": flags_used, "rows": rows}, f)
     print(f"wrote {_OUTPUT.value}")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     app.run(main)

@@ -1,9 +1,10 @@
 """Shared benchmark helpers: timing, the machine, markdown tables and the α–β cost model.
 
-Timing follows DESIGN.md, "Measuring honestly": compile and warm up first, ``block_until_ready``
-after every call, report the median of several runs. The α–β (latency–bandwidth) model of a
-collective is Hockney's (1994), as used for MPI collectives by Thakur, Rabenseifner and Gropp
-(2005), "Optimization of collective communication operations in MPICH":
+Timing follows docs/design.md ("Measuring honestly"): compile and warm up first,
+``block_until_ready`` after every call, report the median of several runs. The α–β
+(latency–bandwidth) model of a collective is Hockney's (1994), as used for MPI collectives by
+Thakur, Rabenseifner and Gropp (2005), "Optimization of collective communication operations in
+MPICH":
 
     T(N, S) = α · steps(N) + β · bytes(N, S)
 
@@ -171,7 +172,14 @@ def _ps_cost(n, s):
     return 2 * (n - 1), 2 * (n - 1) * s
 
 
-ALLREDUCE_COSTS = {"psum": _rabenseifner_cost, "ring": _ring_cost, "ps": _ps_cost}
+# "ring1" is the ring with one ring instead of two (collectives.ring_all_reduce(rings=1)): the same
+# steps and bytes per device.
+ALLREDUCE_COSTS = {
+    "psum": _rabenseifner_cost,
+    "ring": _ring_cost,
+    "ring1": _ring_cost,
+    "ps": _ps_cost,
+}
 
 
 @dataclasses.dataclass(frozen=True)

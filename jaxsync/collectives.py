@@ -8,12 +8,14 @@ Ring all-reduce (Patarasuk & Yuan 2009, "Bandwidth optimal all-reduce algorithms
 workstations"): split the buffer into N chunks; N-1 reduce-scatter steps, in each of which every
 device sends one partially reduced chunk to its ring neighbour and adds the chunk it receives, then
 N-1 all-gather steps that circulate the reduced chunks. Each device sends 2(N-1)/N of the buffer,
-the lower bound for any all-reduce. We run two rings at once, one in each direction, on the two
-halves of every chunk: the same bytes, but two independent chains of ppermutes, so one chain's
-transfer overlaps the other's wait (on 8 emulated CPU devices: ~1.7x less time than one ring, see
-experiments/bench_allreduce.py). Loops are unrolled in Python (N is static): each step's local
-chunk is a dynamic row index that XLA fuses into the add, and the all-gather's row writes fuse
-into one output write. Four rings, a `lax.fori_loop` ring and XLA CPU flags measured no better.
+the lower bound for any all-reduce. By default (`rings=2`) two rings run at once, one in each
+direction, on the two halves of every chunk: the same bytes, but two independent chains of
+ppermutes, so one chain's transfer can overlap the other's wait. `rings=1` is the textbook single
+ring, kept so the difference is measured rather than asserted:
+`python experiments/bench_allreduce.py --devices=8 --rings=1,2` (column `ring1/ring`, the time of
+one ring over two). Loops are unrolled in Python (N is static): each step's local chunk is a
+dynamic row index that XLA fuses into the add, and the all-gather's row writes fuse into one
+output write.
 
 Bucketing (Horovod's Tensor Fusion; PyTorch DDP gradient buckets, Li et al. 2020, "PyTorch
 Distributed: Experiences on Accelerating Data Parallel Training"): many small leaves are packed into
@@ -181,33 +183,46 @@ def _ring_all_gather_rows(chunk, axis_name, n, direction):
     return out
 
 
-def _halves(x, n):
-    """Splits a 1-D buffer of length n*C into per-direction (n, C/2) row views for two rings."""
+RINGS = (1, 2)
+
+
+def _check_rings(rings):
+    if rings not in RINGS:
+        raise ValueError(f"rings must be 1 or 2 (one ring, or one per direction), got {rings!r}")
+
+
+def _halves(x, n, rings):
+    """Splits a 1-D buffer of length n*C into per-direction (n, C/2) row views for two rings, or
+    one (n, C) view for one ring (also when C is odd)."""
     chunk = x.shape[0] // n
-    if chunk % 2:
+    if rings == 1 or chunk % 2:
         return [x.reshape(n, chunk)], [1]
-    # Even at n == 2, where both directions reach the same neighbour, two independent chains of
-    # half-size ppermutes measured ~2x faster than one chain (one's copy overlaps the other's wait).
+    # Even at n == 2, where both directions reach the same neighbour, the two rings are two
+    # independent chains of half-size ppermutes.
     rows = x.reshape(n, 2, chunk // 2)
     return [rows[:, 0], rows[:, 1]], [1, -1]
 
 
-def ring_reduce_scatter(x: jax.Array, axis_name, *, mean: bool = False) -> jax.Array:
+def ring_reduce_scatter(
+    x: jax.Array, axis_name, *, mean: bool = False, rings: int = 2
+) -> jax.Array:
     """Bandwidth-optimal ring reduce-scatter (Patarasuk & Yuan 2009), built on `lax.ppermute`.
 
     Equal to `lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=True)` (divided by N if
-    `mean`). N - 1 ppermute steps; every device sends (N-1)/N of x in all. When each chunk has an
-    even length, two rings run in opposite directions on the two halves of every chunk.
+    `mean`). N - 1 ppermute steps; every device sends (N-1)/N of x in all. With `rings=2` and an
+    even chunk length, two rings run in opposite directions on the two halves of every chunk.
 
     Args:
       x: 1-D array whose length is divisible by N = `lax.axis_size(axis_name)`.
       axis_name: the mapped axis to reduce over.
       mean: divide by N.
+      rings: 2 (one ring per direction, the default) or 1 (a single ring).
 
     Returns:
       Device i's chunk i of the sum (length len(x) // N), in x's dtype (float16/bfloat16 are
       accumulated in float32 and rounded once).
     """
+    _check_rings(rings)
     n = lax.axis_size(axis_name)
     if x.ndim != 1 or x.shape[0] % n:
         raise ValueError(f"ring_reduce_scatter needs a 1-D array divisible by {n}, got {x.shape}")
@@ -216,7 +231,7 @@ def ring_reduce_scatter(x: jax.Array, axis_name, *, mean: bool = False) -> jax.A
     if n == 1:
         out = x
     else:
-        parts, directions = _halves(x, n)
+        parts, directions = _halves(x, n, rings)
         reduced = [
             _ring_reduce_scatter_rows(rows, axis_name, n, d)
             for rows, d in zip(parts, directions, strict=True)
@@ -227,25 +242,28 @@ def ring_reduce_scatter(x: jax.Array, axis_name, *, mean: bool = False) -> jax.A
     return out.astype(out_dtype)
 
 
-def ring_all_gather(x: jax.Array, axis_name) -> jax.Array:
+def ring_all_gather(x: jax.Array, axis_name, *, rings: int = 2) -> jax.Array:
     """Bandwidth-optimal ring all-gather (Patarasuk & Yuan 2009), built on `lax.ppermute`.
 
     Equal to `lax.all_gather(x, axis_name, tiled=True)`. N - 1 ppermute steps, each moving one
-    chunk per device; bidirectional (two half-chunk rings) when the chunk length is even.
+    chunk per device; with `rings=2`, bidirectional (two half-chunk rings) when the chunk length
+    is even.
 
     Args:
       x: this device's 1-D chunk (same length on every device).
       axis_name: the mapped axis to gather over.
+      rings: 2 (one ring per direction, the default) or 1 (a single ring).
 
     Returns:
       The chunks of all devices concatenated in axis-index order (length N * len(x)).
     """
+    _check_rings(rings)
     n = lax.axis_size(axis_name)
     if x.ndim != 1:
         raise ValueError(f"ring_all_gather needs a 1-D array, got shape {x.shape}")
     if n == 1:
         return x
-    if x.shape[0] % 2:
+    if rings == 1 or x.shape[0] % 2:
         return _ring_all_gather_rows(x, axis_name, n, 1).reshape(-1)
     half = x.shape[0] // 2
     gathered = [
@@ -255,7 +273,12 @@ def ring_all_gather(x: jax.Array, axis_name) -> jax.Array:
 
 
 def ring_all_reduce(
-    tree: PyTree, axis_name, *, mean: bool = False, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES
+    tree: PyTree,
+    axis_name,
+    *,
+    mean: bool = False,
+    bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+    rings: int = 2,
 ) -> PyTree:
     """Ring all-reduce of a pytree (Patarasuk & Yuan 2009) with gradient bucketing.
 
@@ -269,10 +292,13 @@ def ring_all_reduce(
       axis_name: the mapped axis to reduce over.
       mean: average instead of sum.
       bucket_bytes: the most bytes per bucket; None or 0 sends one leaf per bucket (no bucketing).
+      rings: 2 (two rings in opposite directions on half-chunks, the default) or 1 (one ring);
+        the same bytes either way.
 
     Returns:
       A pytree with the structure, shapes and dtypes of `tree`, holding the reduction.
     """
+    _check_rings(rings)
     n = lax.axis_size(axis_name)
     if n == 1:
         return jax.tree.map(lambda leaf: jnp.asarray(leaf) + 0, tree)
@@ -282,8 +308,8 @@ def ring_all_reduce(
         if bucket.shape[0] == 0:
             reduced.append(bucket)
             continue
-        chunk = ring_reduce_scatter(bucket, axis_name, mean=mean)
-        reduced.append(ring_all_gather(chunk, axis_name))
+        chunk = ring_reduce_scatter(bucket, axis_name, mean=mean, rings=rings)
+        reduced.append(ring_all_gather(chunk, axis_name, rings=rings))
     return unflatten(reduced)
 
 

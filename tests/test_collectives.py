@@ -20,15 +20,21 @@ SIZES = (1, 2, 3, 4, 8)
 FRONTENDS = ("shard_map", "pmap")
 CHUNK = 6  # reduce-scatter / all-gather: every device holds N * CHUNK elements
 # (algorithm, name, mean, bucket_bytes): one bucket per dtype, tiny buckets (a few leaves each), or
-# one leaf per bucket. The parameter server shares the bucketing code, so it gets two of them.
+# one leaf per bucket. The parameter server shares the bucketing code, so it gets two of them; the
+# single ring (rings=1) one.
 ALL_REDUCE_CASES = (
     ("ring", "sum_bucketed", False, C.DEFAULT_BUCKET_BYTES),
     ("ring", "mean_small_buckets", True, 64),
     ("ring", "sum_unbucketed", False, None),
+    ("ring1", "mean_small_buckets", True, 64),
     ("ps", "sum_bucketed", False, C.DEFAULT_BUCKET_BYTES),
     ("ps", "mean_small_buckets", True, 64),
 )
-ALGORITHMS = {"ring": C.ring_all_reduce, "ps": C.ps_all_reduce}
+ALGORITHMS = {
+    "ring": C.ring_all_reduce,
+    "ring1": functools.partial(C.ring_all_reduce, rings=1),
+    "ps": C.ps_all_reduce,
+}
 
 
 def _tree(rng):
@@ -183,9 +189,11 @@ def test_bucketing_cuts_the_number_of_messages(n):
         )
         for bucket in (C.DEFAULT_BUCKET_BYTES, None)
     }
-    # Two rings (one per direction, on half-chunks) each take 2(N - 1) steps.
+    # Two rings (one per direction, on half-chunks) each take 2(N - 1) steps; one ring, 2(N - 1).
     assert count[C.DEFAULT_BUCKET_BYTES] == 2 * 2 * (n - 1)
     assert count[None] == 20 * count[C.DEFAULT_BUCKET_BYTES]
+    one_ring = functools.partial(C.ring_all_reduce, axis_name=AXIS, rings=1)
+    assert _count_ppermutes(one_ring, n, leaves) == 2 * (n - 1)
     ps = _count_ppermutes(functools.partial(C.ps_all_reduce, axis_name=AXIS), n, leaves)
     assert ps == 2 * (n - 1)
 
