@@ -22,12 +22,13 @@ Distributed optimizers (ZeRO sharded Adam; local SGD; k-step accumulation in bf1
 from absl import flags
 
 from jaxsync import cli
+from jaxsync.sync import backend_names
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "strategy",
     "ring",
-    "single | psum | ring | ps (data parallel) | tp "
+    f"single | {' | '.join(backend_names())} (data parallel, jaxsync.sync.BACKENDS) | tp "
     "(tensor) | pp (GPipe pipeline) | dp_tp (data x tensor mesh with "
     "--num_devices / --model_parallel replicas).",
 )
@@ -54,7 +55,7 @@ flags.DEFINE_integer(
     "local_steps",
     0,
     "0: synchronous SGD; H >= 1: local SGD, each device steps "
-    "on its own data; parameters are averaged every H steps (psum | ring | ps).",
+    "on its own data; parameters are averaged every H steps by the backend's collective.",
 )
 flags.DEFINE_bool(
     "average_opt_state", False, "--local_steps >= 1: also average the optimizer state."
@@ -85,6 +86,7 @@ cli.define_model_data_flags()
 cli.define_optim_flags()
 cli.define_logging_flags()
 cli.define_checkpoint_flags()
+cli.define_replica_flags()
 
 
 def main(argv):
@@ -109,6 +111,7 @@ def main(argv):
         precision=FLAGS.precision,
         compression=FLAGS.compression,
         topk_ratio=FLAGS.topk_ratio,
+        check_replicas=FLAGS.check_replicas,
         **cli.checkpoint_kwargs_from_flags(),
     )
     summary = train_and_evaluate(cfg)

@@ -13,6 +13,7 @@ from absl import app, flags, logging
 
 from jaxsync import ConfigError
 from jaxsync.optim import OptimConfig
+from jaxsync.replicas import ReplicaDivergence
 
 FLAGS = flags.FLAGS
 
@@ -68,6 +69,16 @@ def define_logging_flags() -> None:
         "metrics_file",
         None,
         "JSONL metrics path (one object per logged step, then a summary object).",
+    )
+
+
+def define_replica_flags() -> None:
+    flags.DEFINE_integer(
+        "check_replicas",
+        0,
+        "Every this many steps and at the end, check that every device holds bit-identical "
+        "replicated parameters (and optimizer state); stop with an error naming the first leaf "
+        "that differs (>= 0; 0: off).",
     )
 
 
@@ -246,6 +257,9 @@ def run(main) -> None:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except ReplicaDivergence as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         except Exception as e:
             from jaxsync.distributed import exit_on_peer_failure
 

@@ -69,7 +69,7 @@ def make_mesh(shape: int | Sequence[int], axis_names: Sequence[str] = (DATA_AXIS
     """Build a mesh over the first ``prod(shape)`` devices with Auto axis types.
 
     Auto (not Explicit) axis types let plain jnp code run on sharded arrays outside a mesh
-    context, which the training loop relies on for metrics (see DESIGN.md, "Known traps").
+    context, which the training loop relies on for metrics (see docs/design.md, "Known traps").
 
     Args:
       shape: number of devices for a 1-D mesh, or the mesh shape (e.g. ``(4, 2)``).

@@ -55,7 +55,12 @@ def _check_leaf(path, leaf, stacked: bool) -> list[tuple]:
     if not isinstance(leaf, jax.Array):
         return []
     if stacked:
-        rows = np.asarray(leaf)
+        if leaf.is_fully_addressable:
+            rows = np.asarray(leaf)
+        else:  # local SGD's per-device rows across processes: gather them (a collective)
+            from jax.experimental import multihost_utils
+
+            rows = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
         for i in range(1, rows.shape[0]):
             if not np.array_equal(_bits(rows[0]), _bits(rows[i])):
                 raise ReplicaDivergence(_describe(path, rows[0], rows[i], 0, i))

@@ -175,7 +175,7 @@ def make_ps(
     compression=None,
     **_,
 ) -> SyncBackend:
-    """Central parameter server on device ``server`` (seed §3.2.1, steps 1–7).
+    """Central parameter server on device ``server`` (Li et al. 2014), in seven steps.
 
     1–2 workers compute gradients; 3 push them to the server (N−1 point-to-point sends, compressed
     when ``compression`` is given); 4–5 the server averages and applies the optimizer (state on

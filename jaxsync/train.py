@@ -52,7 +52,7 @@ class TrainConfig:
     eval_every: int = 100
     metrics_file: str | None = None
     quiet: bool = False
-    # Checkpoints, resume, non-finite guard, TensorBoard (issue 9); see train_and_evaluate.
+    # Checkpoints, resume, non-finite guard, TensorBoard; see train_and_evaluate.
     workdir: str | None = None
     checkpoint_every: int = 100  # 0: only the final step
     keep_checkpoints: int = 3
@@ -60,11 +60,11 @@ class TrainConfig:
     max_nonfinite: int = 10  # 0 disables the guard
     tensorboard: bool = False
     nan_at_steps: tuple[int, ...] = ()  # fault injection: these steps' batches get a NaN input
-    # Model parallelism (issue 4): --strategy=tp | pp | dp_tp.
+    # Model parallelism: --strategy=tp | pp | dp_tp.
     model_parallel: int = 2  # P: devices per model replica (tp, dp_tp) or pipeline stages (pp)
     microbatches: int = 4  # M: GPipe microbatches per global batch (pp)
     tp_collective: str = "psum"  # tensor-parallel all-reduce (and dp_tp gradient sync): psum | ring
-    # Distributed optimizers (issue 5): options of psum | ring | ps (grad_accum, precision: also
+    # Distributed optimizers: options of the sync backends (grad_accum, precision: also
     # single), so each composes with the backend's collectives; see _dist_options.
     shard_optimizer: bool = False  # ZeRO-1/2: optimizer state sharded 1/N (psum: XLA, ring: ring)
     local_steps: int = 0  # 0: synchronous SGD; H >= 1: local SGD, parameters averaged every H
@@ -73,6 +73,7 @@ class TrainConfig:
     precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 master weights)
     compression: str = "none"  # ring | ps gradient messages: none | bf16 | topk (error feedback)
     topk_ratio: float = 0.01  # topk: fraction of each gradient bucket sent, in (0, 1]
+    check_replicas: int = 0  # K >= 1: every K steps and at the end, jaxsync.replicas (0: off)
 
 
 def _single(cfg, loss_fn, tx, model_init):
@@ -112,27 +113,24 @@ def _dist_options(cfg, tx):
 
 
 def _validate_dist(cfg) -> None:
-    """Issue-5 options: values, and combinations no strategy implements."""
+    """Distributed-optimizer options: values, and combinations no strategy implements."""
     if cfg.grad_accum < 1:
         raise ConfigError(f"--grad_accum must be >= 1, got {cfg.grad_accum}")
     precision.get_policy(cfg.precision)
     comp = compression.make_compression(cfg.compression, cfg.topk_ratio)
     if cfg.average_opt_state and not cfg.local_steps:
         raise ConfigError("--average_opt_state needs --local_steps >= 1")
-    if (cfg.shard_optimizer or cfg.local_steps or comp.name != "none") and cfg.strategy not in (
-        "psum",
-        "ring",
-        "ps",
-    ):
+    data_parallel = cfg.strategy in sync.backend_names()
+    if (cfg.shard_optimizer or cfg.local_steps or comp.name != "none") and not data_parallel:
         raise ConfigError(
-            "--shard_optimizer, --local_steps and --compression need "
-            f"--strategy=psum, ring or ps, not {cfg.strategy}"
+            "--shard_optimizer, --local_steps and --compression need a data-parallel "
+            f"--strategy ({', '.join(sync.backend_names())}), not {cfg.strategy}"
         )
     if cfg.strategy in MODEL_PARALLEL and (cfg.grad_accum > 1 or cfg.precision != "float32"):
         raise ConfigError(
             f"--grad_accum and --precision are not supported by --strategy={cfg.strategy}"
         )
-    if cfg.strategy in ("psum", "ring", "ps"):
+    if data_parallel:
         sync.check_options(
             cfg.strategy,
             shard_optimizer=cfg.shard_optimizer,
@@ -159,9 +157,7 @@ MODEL_PARALLEL = ("tp", "pp", "dp_tp")  # they check their own batch and mesh si
 
 STRATEGIES = {
     "single": _single,
-    "psum": _data_parallel,
-    "ring": _data_parallel,
-    "ps": _data_parallel,
+    **{name: _data_parallel for name in sync.backend_names()},  # every registered sync backend
     "tp": _tensor_parallel,
     "dp_tp": _tensor_parallel,
     "pp": _pipeline,
@@ -180,6 +176,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose from {sorted(data.DATASETS)}")
     check_at_least(cfg, ("batch_size", "steps", "num_devices", "log_every", "eval_every"), 1)
     check_at_least(cfg, ("model_parallel", "microbatches"), 1)
+    check_at_least(cfg, ("check_replicas",), 0)
     if cfg.tp_collective not in tensor.TP_COLLECTIVES:
         raise ConfigError(
             f"unknown --tp_collective {cfg.tp_collective!r}; "
@@ -278,6 +275,8 @@ def _loop(cfg, ds, strategy, evaluate, ckpt, state, rng, start, carried, writers
             times.append(time.perf_counter() - t0)
         if cfg.max_nonfinite:
             nonfinite = nonfinite_counts(state)
+        if cfg.check_replicas and (step % cfg.check_replicas == 0 or step == cfg.steps):
+            strategy.check_replicas(state)  # raises ReplicaDivergence naming the leaf
         if step % cfg.eval_every == 0 or step == cfg.steps:
             eval_metrics = flat_eval(evaluate(strategy.params(state), ds.x_test, ds.y_test))
         if step % cfg.log_every == 0 or step == cfg.steps or nonfinite[0] >= cfg.max_nonfinite > 0:

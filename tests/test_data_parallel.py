@@ -27,6 +27,7 @@ def run(strategy, batch_size):
     for step in range(STEPS):
         state, metrics = strategy.step(state, strategy.put_batch(DS.batch(step, batch_size, 0)))
         losses_seen.append(float(metrics["loss"]))
+    assert strategy.check_replicas(state) >= 1  # every device holds the same bits
     return jax.device_get(strategy.params(state)), losses_seen
 
 

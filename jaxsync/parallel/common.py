@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxsync.replicas import check_replicas
+
 
 class TrainState(NamedTuple):
     """Training state. ``opt_state`` may be per device (parameter server, sharded optimizer)."""
@@ -29,6 +31,10 @@ class Strategy(NamedTuple):
       put_batch: host global batch ``(x, y)`` -> device batch laid out for ``step``.
       params: state -> one copy of the parameters (for eval, checksums, checkpoints).
       num_devices: how many devices the step runs on.
+      check_replicas: ``state -> leaves checked``; raises
+        :class:`jaxsync.replicas.ReplicaDivergence` unless every device copy of what the step
+        keeps replicated is bit-identical (:mod:`jaxsync.replicas`). The default checks
+        ``state.params`` by shard (right for replicated, tensor- and pipeline-sharded parameters).
     """
 
     name: str
@@ -37,6 +43,7 @@ class Strategy(NamedTuple):
     put_batch: Callable
     params: Callable
     num_devices: int
+    check_replicas: Callable = lambda state: check_replicas(state.params)
 
 
 def apply_optimizer(tx, grads, opt_state, params):

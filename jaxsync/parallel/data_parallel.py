@@ -9,7 +9,7 @@ accumulation over k microbatches is an option of that step (:func:`local_value_a
 ``check_vma=False``: with JAX's default ``check_vma=True``, ``jax.grad`` with respect to
 replicated (``P()``) parameters is already summed over the axis, so a following ``pmean`` would
 give N× the gradient; the ring and the parameter server need each device's *local* gradient
-anyway, so the step turns the check off and reduces explicitly (DESIGN.md, "Known traps").
+anyway, so the step turns the check off and reduces explicitly (docs/design.md, "Known traps").
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsync import ConfigError
 from jaxsync.mesh import DATA_AXIS, make_mesh, put_global_batch
 from jaxsync.parallel.common import Strategy, TrainState, apply_optimizer, init_state
+from jaxsync.replicas import check_replicas
 from jaxsync.sync import make_backend
 
 FRONTENDS = ("shard_map", "pmap")
@@ -124,7 +125,34 @@ def make_data_parallel(
             "--frontend=pmap runs in one process; use --frontend=shard_map in a multi-process run"
         )
     build = _shard_map_strategy if frontend == "shard_map" else _pmap_strategy
-    return build(device_step, sync, model_init, num_devices, axis_name, backend)
+    strategy = build(device_step, sync, model_init, num_devices, axis_name, backend)
+    check = _replica_check(sync, frontend, backend_kw.get("local_steps", 0))
+    return strategy._replace(check_replicas=check)
+
+
+def _replica_check(sync, frontend: str, local_steps: int):
+    """``state -> leaves checked``: what the backend keeps the same on every device must be.
+
+    Always the step counter; the parameters, except between local SGD's averages (after step
+    t with t % H == 0 every device holds the average); the optimizer state unless the backend
+    keeps it per device (``server_state``: the server's copy, a ZeRO slice, residuals). Under
+    pmap every field has a leading device axis, so copies are rows; under shard_map the
+    replicated fields are compared buffer by buffer and local SGD's stacked parameters by rows.
+    """
+    stacked = frontend == "pmap"
+
+    def check(state) -> int:
+        count = check_replicas(state.step, stacked=stacked)
+        step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+        if not sync.local_params:
+            count += check_replicas(state.params, stacked=stacked)
+        elif step % local_steps == 0:
+            count += check_replicas(state.params, stacked=True)
+        if not sync.server_state:
+            count += check_replicas(state.opt_state, stacked=stacked)
+        return count
+
+    return check
 
 
 def _stack(tree, n):
