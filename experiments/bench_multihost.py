@@ -34,7 +34,11 @@ _LAYOUTS = flags.DEFINE_list(
     ["1x8", "2x4", "4x2"],
     "Layouts KxM: K processes of M devices each; all with the same K·M.",
 )
-_STRATEGIES = flags.DEFINE_list("strategies", ["psum", "ring"], "Sync backends: psum, ring, ps.")
+_STRATEGIES = flags.DEFINE_list(
+    "strategies",
+    ["psum", "ring"],
+    "Sync backends, names from jaxsync.sync.BACKENDS (default: psum and ring, to keep it short).",
+)
 _WIDTH = flags.DEFINE_integer("width", 256, "MLP hidden width (>= 1).")
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Global batch (divisible by K·M).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per point; the median is reported.")
@@ -124,6 +128,12 @@ def _layouts():
 
 
 def main(argv):
+    from jaxsync import ConfigError, sync
+
+    if not _STRATEGIES.value:
+        raise ConfigError(f"--strategies takes names from {list(sync.backend_names())}")
+    for name in _STRATEGIES.value:
+        sync.check_backend(name)
     width, repeats = (64, 8) if _QUICK.value else (_WIDTH.value, _REPEATS.value)
     if _WORKER_OUT.value:
         return worker(_WORKER_OUT.value, width, _BATCH.value, repeats, _WARMUP.value)

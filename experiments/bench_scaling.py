@@ -1,9 +1,10 @@
 """Data-parallel scaling: strong and weak scaling of throughput and efficiency per sync backend.
 
 Strong scaling keeps the global batch B fixed (per-device batch B/N); weak scaling keeps the
-per-device batch b fixed (global batch b·N). For each backend (psum, ring, ps) and N devices the
-median step time after warm-up gives the throughput X_N in examples/s, the speedup X_N / X_1 and
-the efficiency E = X_N / (N·X_1) (1 = linear).
+per-device batch b fixed (global batch b·N). For each sync backend (default: every name in
+jaxsync.sync.BACKENDS) and N devices the median step time after warm-up gives the throughput X_N
+in examples/s, the speedup X_N / X_1 and the efficiency E = X_N / (N·X_1) (1 = linear); the
+ideal speedup N / N_1 beside it is a formula, not a measurement.
 
     python experiments/bench_scaling.py --quick
     python experiments/bench_scaling.py --devices=1,2,4,8 --global_batch=1024 --width=512
@@ -20,7 +21,9 @@ from absl import flags
 from jaxsync import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("strategies", ["psum", "ring", "ps"], "Sync backends: psum, ring, ps.")
+flags.DEFINE_list(
+    "strategies", None, "Sync backends (default: every name in jaxsync.sync.BACKENDS)."
+)
 flags.DEFINE_list(
     "devices",
     ["1", "2", "4", "8"],
@@ -44,8 +47,9 @@ def main(argv):
 
     devices = tuple(sorted(set(cli.int_list("devices", FLAGS.devices))))
     quick = FLAGS.quick
+    strategies = {"strategies": tuple(FLAGS.strategies)} if FLAGS.strategies else {}
     cfg = scaling.ScalingConfig(
-        strategies=tuple(FLAGS.strategies),
+        **strategies,
         devices=devices,
         modes=tuple(FLAGS.modes),
         global_batch=FLAGS.global_batch,

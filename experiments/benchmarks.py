@@ -5,6 +5,12 @@
     python experiments/benchmarks.py --sections=lsr,gan  # some sections, full size
 
 The test's run, the smallest: --smoke --sections=allreduce,scaling --report=... --results_dir=...
+--allow_dirty.
+
+The report's header names the git revision it measured, so the suite refuses to start (exit 2)
+when tracked files have uncommitted changes (its own outputs, --report and --results_dir, aside);
+--allow_dirty runs anyway for development and marks the header "not a committed revision".
+The full-length RL and GAN runs are rendered from their committed JSON in docs/full_runs/.
 
 Sections (each a subprocess with its own JAX runtime and a bounded timeout): all-reduce,
 data-parallel scaling, linear scaling rule, async/staleness, model parallel, distributed
@@ -42,6 +48,12 @@ flags.DEFINE_float(
     "0: 900 with --quick/--smoke, 7200 in full mode.",
 )
 flags.DEFINE_bool("allow_missing", False, "Exit 0 even when a section is missing or failed.")
+flags.DEFINE_bool(
+    "allow_dirty",
+    False,
+    "Run on a tree with uncommitted changes to tracked files (development only: the report's "
+    "header then says it is not a committed revision).",
+)
 flags.DEFINE_integer(
     "cpu_devices",
     8,
@@ -64,6 +76,7 @@ def main(argv):
         timeout_s=timeout,
         command=" ".join(["python", "experiments/benchmarks.py", *map(shlex.quote, sys.argv[1:])]),
         root=ROOT,
+        allow_dirty=FLAGS.allow_dirty,
     )
     benchsuite.validate(cfg)
     inherited = os.environ.get("XLA_FLAGS")

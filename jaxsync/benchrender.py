@@ -1,14 +1,20 @@
 """Rendering BENCHMARKS.md: one markdown section (tables, PNG plots) per benchmark result.
 
 Every number comes from a section's JSON or from the markdown tables its script printed in the
-same run; nothing here holds a measured figure. Published references (Goyal et al. 2017) are
-constants in :mod:`jaxsync.scaling` and are labelled as such.
+same run, or, for the full-length runs (:data:`jaxsync.benchsuite.FULL_RUNS`), from committed JSON
+named beside its table; nothing here holds a measured figure. Published references (Goyal et al.
+2017) are constants in :mod:`jaxsync.scaling` and are labelled as such. Columns computed from a
+formula or a fitted model rather than timed say so in their header ("(model)", "(counted)",
+"(formula)").
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 
 from jaxsync import bench, scaling
 
@@ -21,7 +27,9 @@ ALLREDUCE_INTRO = (
     "ring 2(N−1) steps and 2(N−1)/N·S bytes, ps 2(N−1) steps and 2(N−1)·S bytes through the "
     "server, psum modelled as Rabenseifner's reduce-scatter + all-gather (2⌈log₂N⌉ steps, "
     "2(N−1)/N·S bytes). On emulated devices every message is a memory copy inside one process, "
-    "so α is a rendezvous cost and 1/β a memory bandwidth, not a network's."
+    "so α is a rendezvous cost and 1/β a memory bandwidth, not a network's. `ring` is the "
+    "default ring all-reduce (two rings in opposite directions on half-chunks), `ring1` the "
+    "same with one ring (`collectives.ring_all_reduce(rings=1)`): same steps, same bytes."
 )
 SCALING_INTRO = (
     "Synchronous data-parallel training step (MLP on the synthetic teacher set, SGD), timed "
@@ -69,14 +77,16 @@ def _plt():
 
 
 def _backends(rows):
-    return [b for b in ("psum", "ring", "ps") if rows and b in rows[0]]
+    """The timed columns of the all-reduce JSON (backends, and ``ring1``), in its order."""
+    return [k for k, v in rows[0].items() if isinstance(v, dict)] if rows else []
 
 
 def fit_allreduce(rows) -> dict:
-    """``{backend: AlphaBeta}`` fitted to every measured point of each backend."""
+    """``{backend: AlphaBeta}`` fitted to every measured point of each backend with a cost model."""
     return {
         b: bench.fit_alpha_beta(b, [(r["devices"], r["bytes"], r[b]["us"] * 1e-6) for r in rows])
         for b in _backends(rows)
+        if b in bench.ALLREDUCE_COSTS
     }
 
 
@@ -88,37 +98,48 @@ def render_allreduce(result, results_dir, report_dir) -> str:
     time_headers = ["N", "size / device"]
     for b in backends:
         bw_headers += [f"{b} algbw GB/s", f"{b} busbw GB/s"]
-        time_headers += [f"{b} µs", f"{b} α–β µs"]
+        time_headers += [f"{b} µs"] + ([f"{b} α–β µs (model)"] if b in fits else [])
     bw, times = [], []
     for r in rows:
         n, s = r["devices"], r["bytes"]
         bw.append(
             [n, _human_bytes(s)] + [x for b in backends for x in (r[b]["algbw"], r[b]["busbw"])]
         )
-        times.append(
-            [n, _human_bytes(s)]
-            + [x for b in backends for x in (r[b]["us"], fits[b].predict(n, s) * 1e6)]
-        )
+        cells = [n, _human_bytes(s)]
+        for b in backends:
+            cells += [r[b]["us"]] + ([fits[b].predict(n, s) * 1e6] if b in fits else [])
+        times.append(cells)
     fit_rows = [
         [b, f.alpha_s * 1e6, f.bandwidth_gbs, 100 * f.rms_rel_error] for b, f in fits.items()
     ]
-    ratios = [k for k in ("ring/psum", "ps/psum") if k in rows[0]]
+    ratios = [k for k in ("ring/psum", "ring1/psum", "ps/psum") if k in rows[0]]
     ratio_rows = [[r["devices"], _human_bytes(r["bytes"])] + [r[k] for k in ratios] for r in rows]
     png = os.path.join(results_dir, "allreduce_busbw.png")
     _plot_allreduce(rows, backends, fits, png)
-    return "\n\n".join(
-        [
-            "Bandwidth (median of repeats):",
-            bench.markdown_table(bw_headers, bw),
-            "α–β model fitted to the measurements:",
-            bench.markdown_table(["backend", "α µs", "1/β GB/s", "RMS relative error %"], fit_rows),
-            "Measured time beside the model's prediction:",
-            bench.markdown_table(time_headers, times),
-            "busbw relative to psum, measured in the same run:",
-            bench.markdown_table(["N", "size / device"] + ratios, ratio_rows),
-            f"![busbw versus message size]({_rel(png, report_dir)})",
+    parts = [
+        "Bandwidth (median of repeats):",
+        bench.markdown_table(bw_headers, bw),
+        "α–β model fitted to the measurements (fitted parameters, not measured directly):",
+        bench.markdown_table(["backend", "α µs", "1/β GB/s", "RMS relative error %"], fit_rows),
+        "Measured time beside the model's prediction:",
+        bench.markdown_table(time_headers, times),
+        "busbw relative to psum, measured in the same run:",
+        bench.markdown_table(["N", "size / device"] + ratios, ratio_rows),
+    ]
+    if "ring1/ring" in rows[0]:
+        parts += [
+            "One ring against two (time of `ring1` over time of `ring`, measured in the same run; "
+            "above 1: the two rings take less time):",
+            bench.markdown_table(
+                ["N", "size / device", "ring1/ring (wall)", "ring1/ring (process CPU)"],
+                [
+                    [r["devices"], _human_bytes(r["bytes"]), r["ring1/ring"], r["ring1/ring_cpu"]]
+                    for r in rows
+                ],
+            ),
         ]
-    )
+    parts.append(f"![busbw versus message size]({_rel(png, report_dir)})")
+    return "\n\n".join(parts)
 
 
 def _plot_allreduce(rows, backends, fits, png):
@@ -130,8 +151,9 @@ def _plot_allreduce(rows, backends, fits, png):
         sizes = [r["bytes"] for r in sub]
         for b in backends:
             line = ax.plot(sizes, [r[b]["busbw"] for r in sub], "o-", label=f"{b}")[0]
-            model = [s / fits[b].predict(n, s) / 1e9 * 2 * (n - 1) / n for s in sizes]
-            ax.plot(sizes, model, "--", color=line.get_color(), label=f"{b} α–β")
+            if b in fits:
+                model = [s / fits[b].predict(n, s) / 1e9 * 2 * (n - 1) / n for s in sizes]
+                ax.plot(sizes, model, "--", color=line.get_color(), label=f"{b} α–β (model)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"N = {n}")
@@ -175,12 +197,16 @@ def render_scaling(result, results_dir, report_dir) -> str:
 
 def render_lsr(result, results_dir, report_dir) -> str:
     rows, cfg = result.data["rows"], result.data["config"]
+    seeds = sorted({r["seed"] for r in rows})
+    n_test = min(r["n_test"] for r in rows)
     setup = (
         f"{cfg['dataset']}, MLP width {cfg['width']}, {cfg['optimizer']}, {cfg['schedule']} "
         f"schedule, {cfg['epochs']} epochs, warmup {cfg['warmup_epochs']} epochs, "
-        f"η₀ = {cfg['base_lr']} at B₀ = {cfg['base_batch']}, strategy {cfg['strategy']}."
+        f"η₀ = {cfg['base_lr']} at B₀ = {cfg['base_batch']}, strategy {cfg['strategy']}; "
+        f"seeds {', '.join(map(str, seeds))} (each its own data split and initialisation); "
+        f"{n_test} test examples, so one run's error has a resolution of {100 / n_test:.2g} %."
     )
-    diverged = [f"B={r['batch']} {r['variant']}" for r in rows if r["diverged"]]
+    diverged = [f"B={r['batch']} {r['variant']} (seed {r['seed']})" for r in rows if r["diverged"]]
     ref = bench.markdown_table(
         ["global batch", "learning-rate scheme", "top-1 error %"],
         [list(r) for r in scaling.GOYAL_TABLE],
@@ -189,15 +215,25 @@ def render_lsr(result, results_dir, report_dir) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, _, _ in scaling.LSR_VARIANTS:
-        pts = sorted(
-            (r["batch"], 100 * (1 - r["eval_accuracy"]))
-            for r in rows
-            if r["variant"] == name and r["eval_accuracy"] is not None
+        batches = sorted({r["batch"] for r in rows if r["variant"] == name})
+        stats = [
+            scaling.mean_se(
+                scaling.error_percent([r for r in rows if r["variant"] == name and r["batch"] == b])
+                or [float("nan")]
+            )
+            for b in batches
+        ]
+        ax.errorbar(
+            batches,
+            [m for m, _ in stats],
+            yerr=[e for _, e in stats],
+            fmt="o-",
+            capsize=3,
+            label=name,
         )
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch B")
-    ax.set_ylabel("eval error %")
+    ax.set_ylabel(f"test error % (mean ± s.e., {len(seeds)} seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -205,12 +241,13 @@ def render_lsr(result, results_dir, report_dir) -> str:
     return "\n\n".join(
         [
             f"Setup: {setup}",
-            "Measured (eval error %, lower is better):",
+            f"Measured (test error %, mean ± standard error over {len(seeds)} seeds, lower is "
+            "better):",
             scaling.lsr_table(rows),
             "Diverged (non-finite loss): " + (", ".join(diverged) if diverged else "none") + ".",
             "Published, Goyal et al. 2017, Table 1 (ResNet-50, ImageNet, 90 epochs):",
             ref,
-            f"![eval error versus batch]({_rel(png, report_dir)})",
+            f"![test error versus batch]({_rel(png, report_dir)})",
         ]
     )
 
@@ -256,15 +293,27 @@ def printed_tables(stdout: str) -> list[tuple[str, str]]:
     return out
 
 
+QUICK_LABEL = "(quick length: not a result)"
+
+
+def label_columns(table: str, columns, label: str = QUICK_LABEL) -> str:
+    """``table`` with every header cell named in ``columns`` followed by ``label``."""
+    lines = table.split("\n")
+    cells = [c.strip() for c in lines[0].strip().strip("|").split("|")]
+    cells = [f"{c} {label}" if c in columns else c for c in cells]
+    return "\n".join(["| " + " | ".join(cells) + " |"] + lines[1:])
+
+
 def render_generic(result, results_dir, report_dir) -> str:
     tables = printed_tables(result.stdout)
     if not tables:
         return "The script printed no markdown table; its JSON is linked above."
+    quick = result.mode != "full" and result.section.quick_columns
     parts = []
     for caption, table in tables:
         if caption:
             parts.append(caption if caption.endswith(":") else caption + ":")
-        parts.append(table)
+        parts.append(label_columns(table, result.section.quick_columns) if quick else table)
     for name in result.section.pngs:
         path = os.path.join(results_dir, name)
         if os.path.exists(path):
@@ -288,6 +337,8 @@ def render_section(result, results_dir, report_dir) -> str:
         s.intro,
         f"Ran `{' '.join(['python', *result.command[1:]])}` in {result.seconds:.0f} s.",
     ]
+    if result.mode != "full" and s.quick_note:
+        head.append(f"**{result.mode.capitalize()} mode:** {s.quick_note}")
     if result.status != "ok":
         head.append(f"**{result.status.upper()}** — no numbers: `{result.error}`")
         return "\n\n".join(head)
@@ -304,18 +355,106 @@ def render_section(result, results_dir, report_dir) -> str:
 
 _EMULATION_NOTE = (
     "On emulated CPU devices all devices share the host's cores: absolute times are not hardware "
-    'truths; ratios measured in the same run are (see DESIGN.md, "Measuring honestly").'
+    'truths; ratios measured in the same run are (see docs/design.md, "Measuring honestly").'
 )
 
 
-def render_report(results, machine, cfg, started, results_dir, revision="unknown") -> str:
-    """The whole BENCHMARKS.md: title, provenance (command, code, machine, date), status, sections.
+# ---------------------------------------------------------------- full-length runs
+
+
+def render_gan_full(data, json_path, root, report_dir) -> str:
+    """The GAN table of a committed ``bench_gan.py`` JSON, by the GAN module's own renderer."""
+    from jaxsync.agents.gan import benchmark
+
+    return benchmark.markdown_table(data["rows"])
+
+
+_RL_TABLES = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("bench_rl", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+with open(sys.argv[2], encoding="utf-8") as f:
+    d = json.load(f)
+module.print_tables(d.get("quality") or [], d.get("speed") or [])
+"""
+
+
+def render_rl_full(data, json_path, root, report_dir) -> str:
+    """The tables of a committed ``bench_rl.py`` JSON, printed by that script's own
+    ``print_tables`` (in a subprocess: the script defines absl flags of its own)."""
+    script = os.path.join(root, "experiments", "bench_rl.py")
+    proc = subprocess.run(
+        [sys.executable, "-c", _RL_TABLES, script, json_path],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    tables = printed_tables(proc.stdout)
+    if proc.returncode != 0 or not tables:
+        lines = (proc.stderr.strip() or "no table printed").splitlines()
+        raise ValueError(f"experiments/bench_rl.py print_tables: {lines[-1]}")
+    parts = []
+    for caption, table in tables:
+        parts += ([caption] if caption else []) + [table]
+    png = json_path.removesuffix(".json") + "_curves.png"
+    if os.path.exists(png):
+        parts.append(f"![learning curves]({_rel(png, report_dir)})")
+    return "\n\n".join(parts)
+
+
+FULL_RENDERERS = {"gan": render_gan_full, "rl": render_rl_full}
+
+
+def render_full_run(run, root: str, report_dir: str) -> str:
+    """One committed full-length result: title, what it is, the command and JSON path, the table;
+    a clear "not yet run" line when the JSON is absent."""
+    path = os.path.join(root, run.json_path)
+    head = [f"### {run.title}", run.intro]
+    if not os.path.exists(path):
+        head.append(
+            f"**Not yet run:** `{run.json_path}` does not exist; `{run.command}` writes it."
+        )
+        return "\n\n".join(head)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        command = data.get("command") or run.command
+        body = FULL_RENDERERS[run.render](data, path, root, report_dir)
+    except (OSError, KeyError, TypeError, ValueError, IndexError, subprocess.SubprocessError) as e:
+        head.append(f"**FAILED** to render `{run.json_path}`: `{e!r}`")
+        return "\n\n".join(head)
+    head.append(
+        f"From `{run.json_path}`, written by `{command}` (committed; this suite does not rerun it)."
+    )
+    return "\n\n".join(head + [body])
+
+
+def render_full_runs(runs, root: str, report_dir: str) -> str:
+    if not runs:
+        return ""
+    intro = (
+        "Runs too long for the suite, rendered from their committed JSON (their numbers were "
+        "measured by the command shown, not by this suite's run)."
+    )
+    return "\n\n".join(
+        ["## Full-length runs", intro] + [render_full_run(r, root, report_dir) for r in runs]
+    )
+
+
+def render_report(
+    results, machine, cfg, started, results_dir, revision="unknown", full_runs=()
+) -> str:
+    """The whole BENCHMARKS.md: title, provenance (command, code, machine, date), status, sections,
+    then the committed full-length runs.
 
     Sections render first: a section whose JSON cannot be rendered turns ``failed`` in the status
     table too.
     """
     report_dir = os.path.dirname(os.path.abspath(cfg.report_path))
     sections = [render_section(r, results_dir, report_dir) for r in results]
+    full = render_full_runs(full_runs, cfg.root, report_dir)
     status = bench.markdown_table(
         ["section", "status", "seconds", "error"],
         [[r.section.key, r.status, round(r.seconds, 1), r.error or ""] for r in results],
@@ -323,7 +462,8 @@ def render_report(results, machine, cfg, started, results_dir, revision="unknown
     head = [
         "# jaxsync benchmarks",
         "Generated by the benchmark suite; every number below was measured by the command shown, "
-        "in the run that wrote this file. Do not edit by hand: rerun the command.",
+        "in the run that wrote this file, except the full-length runs at the end, which name "
+        "their own command and JSON. Do not edit by hand: rerun the command.",
         f"**Command:** `{cfg.command}` (mode: {cfg.mode})",
         f"**Code:** git {revision}; **started:** {started}",
         machine.line(),
@@ -331,4 +471,4 @@ def render_report(results, machine, cfg, started, results_dir, revision="unknown
         "## Sections run",
         status,
     ]
-    return "\n\n".join(head + sections) + "\n"
+    return "\n\n".join(head + sections + ([full] if full else [])) + "\n"

@@ -5,6 +5,13 @@ a bounded timeout) that writes JSON into the results folder. The report is rende
 JSON and from the markdown tables the script printed, so every number in BENCHMARKS.md comes from
 the run that wrote it; a section whose script is missing, fails or times out is reported as such,
 with the error line, and no numbers.
+
+Runs too long for the suite (:data:`FULL_RUNS`: the 500k-step RL runs, the full-length GAN
+sweeps) are not repeated: their committed JSON under ``docs/full_runs/`` is rendered, with the
+command that wrote it, in every mode.
+
+The report names the git revision it measured; :func:`check_clean_tree` refuses a tree with
+uncommitted changes to tracked files (other than the suite's own outputs) unless ``allow_dirty``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class Section:
     json_name: str
     render: str = "generic"
     pngs: tuple[str, ...] = ()
+    quick_note: str = ""  # printed in quick/smoke mode, where quality numbers are not results
+    quick_columns: tuple[str, ...] = ()  # printed column headers to label "quick length" then
 
 
 def _same(args):
@@ -60,9 +69,16 @@ SECTIONS = (
                 "--max_bytes=16K",
                 "--repeats=1",
                 "--warmup=0",
+                "--rings=1,2",
             ],
-            "quick": ["--devices=2,4,8", "--min_bytes=4K", "--max_bytes=1M", "--repeats=5"],
-            "full": ["--devices=2,4,8", "--min_bytes=4K", "--max_bytes=64M"],
+            "quick": [
+                "--devices=2,4,8",
+                "--min_bytes=4K",
+                "--max_bytes=1M",
+                "--repeats=5",
+                "--rings=1,2",
+            ],
+            "full": ["--devices=2,4,8", "--min_bytes=4K", "--max_bytes=64M", "--rings=1,2"],
         },
         ("--output={results}/bench_allreduce.json",),
         "bench_allreduce.json",
@@ -145,17 +161,24 @@ SECTIONS = (
         ("--out={results}/bench_rl",),
         "bench_rl.json",
         pngs=("bench_rl_curves.png",),
+        quick_note="20k env steps and 1 seed check the wiring and time the loop; at that length "
+        "no agent is expected to solve CartPole, so the solved and return columns are not "
+        'results. The 500k-step results are under "Full-length runs" below.',
+        quick_columns=("seeds solved", "solved at (env steps)", "final mean return", "best"),
     ),
     Section(
         "gan",
         "GAN mode coverage",
         "experiments/bench_gan.py",
         "Modes recovered and high-quality samples on the 2-D mixtures beside PacGAN (Lin et al. "
-        "2018, Table 1), and classifier scores of generated 8x8 digits. Quick mode runs 2 seeds "
-        "and a quarter of the steps; the 5-seed full-length table is in docs/full_runs/README.md.",
+        "2018, Table 1), and classifier scores of generated 8x8 digits.",
         _same(["--quick"]),
         ("--out={results}/bench_gan.json", "--plot_dir={results}/bench_gan"),
         "bench_gan.json",
+        quick_note="2 seeds and a quarter of the preset steps: the mode and quality columns "
+        "show a partly trained GAN, not the method's result. The 5-seed full-length tables are "
+        'under "Full-length runs" below.',
+        quick_columns=("modes", "HQ %", "reverse KL"),
     ),
     Section(
         "multihost",
@@ -171,6 +194,56 @@ SECTIONS = (
 SECTION_KEYS = tuple(s.key for s in SECTIONS)
 
 
+@dataclasses.dataclass(frozen=True)
+class FullRun:
+    """A committed result of a run too long for the suite: its JSON, and the command that wrote
+    it (a ``command`` key in the JSON, when there is one, takes precedence). ``render`` names a
+    function of :mod:`jaxsync.benchrender`."""
+
+    key: str
+    title: str
+    json_path: str  # relative to the repository root
+    command: str
+    intro: str
+    render: str
+
+
+_GAN_FULL_INTRO = (
+    "5 seeds, mean ± standard error, at the presets' full length (one device, the seeds "
+    "trained together with jax.vmap), beside PacGAN's Table 1; pictures and notes in "
+    "docs/full_runs/README.md."
+)
+FULL_RUNS = (
+    FullRun(
+        "rl_full",
+        "Reinforcement learning, 500k env steps",
+        "docs/full_runs/bench_rl_quality.json",
+        "python experiments/bench_rl.py --parts=quality --out=docs/full_runs/bench_rl_quality",
+        "PPO on 1 and 8 devices and DQN on 1 device, 3 seeds, 500k env steps on CartPole-v1; "
+        "solved = mean return of the last 100 episodes reached 475.",
+        "rl",
+    ),
+    FullRun(
+        "gan_ring8_full",
+        "GAN mode coverage, ring of 8 Gaussians, 10,000 steps",
+        "docs/full_runs/bench_gan_ring8.json",
+        "python experiments/bench_gan.py --datasets=ring8 --seeds=5 --remedies=pac+r1,r1,unroll "
+        "--out=docs/full_runs/bench_gan_ring8.json",
+        _GAN_FULL_INTRO,
+        "gan",
+    ),
+    FullRun(
+        "gan_grid25_full",
+        "GAN mode coverage, grid of 25 Gaussians, 20,000 steps",
+        "docs/full_runs/bench_gan_grid25.json",
+        "python experiments/bench_gan.py --datasets=grid25 --seeds=5 --remedies=pac+r1,r1 "
+        "--out=docs/full_runs/bench_gan_grid25.json",
+        _GAN_FULL_INTRO,
+        "gan",
+    ),
+)
+
+
 @dataclasses.dataclass
 class SectionResult:
     """What one section's run left: status ``ok | missing | failed | timeout``, and its output."""
@@ -182,6 +255,7 @@ class SectionResult:
     error: str = ""
     stdout: str = ""
     data: dict | None = None
+    mode: str = "full"
 
 
 def section_command(section: Section, mode: str, results_dir: str, python=sys.executable):
@@ -235,7 +309,7 @@ def run_section(
 ) -> SectionResult:
     """Run one section's script; never raises for the script's own failures."""
     cmd = section_command(section, mode, _relative_to(results_dir, root))
-    result = SectionResult(section, "ok", cmd)
+    result = SectionResult(section, "ok", cmd, mode=mode)
     if not os.path.exists(os.path.join(root, section.script)):
         result.status, result.error = "missing", f"{section.script} does not exist"
         log(f"[{section.key}] missing: {result.error}")
@@ -270,28 +344,51 @@ def run_section(
     return result
 
 
-def git_revision(root: str) -> str:
-    """``<short hash>`` of HEAD, ``+ uncommitted changes`` when the tree differs; "unknown"
-    outside a git checkout."""
+def _git(root: str, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, text=True, capture_output=True, timeout=30, check=True
+    ).stdout
+
+
+def tree_state(root: str, exclude=()) -> tuple[str, list[str]]:
+    """``(short hash of HEAD, tracked files with uncommitted changes)``; ``("unknown", [])``
+    outside a git checkout. Paths in ``exclude`` (the suite's own outputs) are not counted."""
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            text=True,
-            capture_output=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            text=True,
-            capture_output=True,
-            timeout=10,
-        ).stdout.strip()
+        head = _git(root, "rev-parse", "--short", "HEAD").strip()
+        top = _git(root, "rev-parse", "--show-toplevel").strip()
+        specs = ["."]
+        for path in exclude:
+            rel = os.path.relpath(os.path.abspath(path), top)
+            if not rel.startswith(".."):
+                specs.append(f":(top,exclude){rel}")
+        status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *specs)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (" + uncommitted changes" if dirty else "")
+        return "unknown", []
+    return head, sorted(line[3:] for line in status.splitlines() if line.strip())
+
+
+def _listed(files: list[str], most: int = 5) -> str:
+    more = f" and {len(files) - most} more" if len(files) > most else ""
+    return ", ".join(files[:most]) + more
+
+
+def check_clean_tree(root: str, exclude=(), allow_dirty: bool = False) -> str:
+    """The revision line of the report's header; ConfigError on uncommitted changes to tracked
+    files unless ``allow_dirty``, which marks the revision loudly instead."""
+    from jaxsync import ConfigError
+
+    head, dirty = tree_state(root, exclude)
+    if not dirty:
+        return head
+    if not allow_dirty:
+        raise ConfigError(
+            f"uncommitted changes to tracked files ({_listed(dirty)}): the report must name the "
+            "code it measured; commit first, or pass --allow_dirty for a development run"
+        )
+    return (
+        f"{head} + uncommitted changes to {_listed(dirty)} "
+        "(**--allow_dirty: not a committed revision**)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +402,7 @@ class SuiteConfig:
     timeout_s: float = 900.0
     command: str = "python experiments/benchmarks.py"
     root: str = "."
+    allow_dirty: bool = False  # run on a tree with uncommitted changes, marked in the header
 
 
 def validate(cfg: SuiteConfig) -> None:
@@ -323,6 +421,8 @@ def run_suite(cfg: SuiteConfig, machine: bench.Machine, log=print) -> list[Secti
     """Run the selected sections in order (one at a time: they time things), write the report."""
     validate(cfg)
     results_dir = os.path.abspath(cfg.results_dir)
+    outputs = (results_dir, os.path.abspath(cfg.report_path))
+    revision = check_clean_tree(cfg.root, outputs, cfg.allow_dirty)
     os.makedirs(results_dir, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = []
@@ -331,8 +431,17 @@ def run_suite(cfg: SuiteConfig, machine: bench.Machine, log=print) -> list[Secti
             results.append(
                 run_section(section, cfg.mode, results_dir, cfg.root, cfg.timeout_s, log)
             )
-    revision = git_revision(cfg.root)
-    text = benchrender.render_report(results, machine, cfg, started, results_dir, revision)
+    head, dirty = tree_state(cfg.root, outputs)
+    if head != revision.split()[0] or (dirty and not cfg.allow_dirty):
+        # Someone committed or edited while the sections ran: say so rather than name one revision.
+        revision += (
+            f" at the start; **the tree changed during the run** (now {head}"
+            + (f", uncommitted changes to {_listed(dirty)}" if dirty else "")
+            + "): rerun on a quiet tree"
+        )
+    text = benchrender.render_report(
+        results, machine, cfg, started, results_dir, revision, FULL_RUNS
+    )
     parent = os.path.dirname(os.path.abspath(cfg.report_path))
     os.makedirs(parent, exist_ok=True)
     with open(cfg.report_path, "w", encoding="utf-8") as f:

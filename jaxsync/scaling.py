@@ -9,6 +9,8 @@
    in 1 Hour"): when the minibatch is multiplied by k, multiply the learning rate by k,
    η = η₀ · B / B₀, with a gradual warmup from 0 to η over the first epochs; compared with the
    rule without warmup and with no scaling (η = η₀ at every B), at a fixed number of epochs.
+   Every run is repeated over seeds (data split and initialisation); the table gives the mean
+   test error ± its standard error, to the resolution the test set supports (1/n_test).
 """
 
 from __future__ import annotations
@@ -16,16 +18,17 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxsync import ConfigError, bench, check_at_least
+from jaxsync import ConfigError, bench, check_at_least, sync
 
 STRONG, WEAK = "strong", "weak"
 
 
 @dataclasses.dataclass(frozen=True)
 class ScalingConfig:
-    """Throughput sweep. ``global_batch`` is B of strong scaling, ``per_device_batch`` b of weak."""
+    """Throughput sweep. ``global_batch`` is B of strong scaling, ``per_device_batch`` b of weak;
+    ``strategies`` are sync backend names (default: all of :data:`jaxsync.sync.BACKENDS`)."""
 
-    strategies: tuple[str, ...] = ("psum", "ring", "ps")
+    strategies: tuple[str, ...] = dataclasses.field(default_factory=sync.backend_names)
     devices: tuple[int, ...] = (1, 2, 4, 8)
     modes: tuple[str, ...] = (STRONG, WEAK)
     global_batch: int = 512
@@ -39,9 +42,10 @@ class ScalingConfig:
 
 def validate_scaling(cfg: ScalingConfig) -> None:
     """Raise ConfigError naming the first bad field."""
-    unknown = set(cfg.strategies) - {"psum", "ring", "ps"}
-    if unknown or not cfg.strategies:
-        raise ConfigError(f"--strategies takes psum, ring, ps; got {list(cfg.strategies)}")
+    if not cfg.strategies:
+        raise ConfigError(f"--strategies takes names from {list(sync.backend_names())}; got none")
+    for name in cfg.strategies:
+        sync.check_backend(name)
     if not cfg.devices or min(cfg.devices) < 1:
         raise ConfigError(f"--devices must be integers >= 1, got {list(cfg.devices)}")
     if set(cfg.modes) - {STRONG, WEAK} or not cfg.modes:
@@ -136,7 +140,7 @@ def scaling_table(rows: list[dict], mode: str) -> str:
         "CPU ms",
         "examples/s",
         "speedup",
-        "ideal speedup",
+        "ideal speedup (N/N₁, formula)",
         "efficiency",
     ]
     body = []
@@ -176,7 +180,7 @@ class LSRConfig:
     width: int = 64
     strategy: str = "single"
     num_devices: int = 1
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
 # (name, scale the learning rate with B, gradual warmup)
@@ -193,6 +197,8 @@ def lsr_runs(cfg: LSRConfig, n_train: int) -> list[dict]:
         raise ConfigError("--batch_sizes and --base_batch must be >= 1")
     if not cfg.base_lr > 0 or cfg.epochs < 1 or not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise ConfigError("need --base_lr > 0, --epochs >= 1 and 0 <= --warmup_epochs <= --epochs")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"--seeds must be distinct and at least one, got {list(cfg.seeds)}")
     runs = []
     for b in cfg.batch_sizes:
         if b > n_train:
@@ -212,71 +218,110 @@ def lsr_runs(cfg: LSRConfig, n_train: int) -> list[dict]:
 
 
 def run_lsr(cfg: LSRConfig, log=print) -> list[dict]:
-    """Train every run of :func:`lsr_runs` with ``train_and_evaluate``; add its final metrics."""
+    """Train every run of :func:`lsr_runs` for every seed with ``train_and_evaluate``; one row per
+    (run, seed) with its final metrics and the test-set size."""
     from jaxsync import data, optim
     from jaxsync.train import TrainConfig, train_and_evaluate
 
-    ds = data.load_dataset(cfg.dataset, cfg.seed)
-    done = {}  # identical (lr, steps, warmup) runs, e.g. every variant's B = B₀, train once
     rows = []
-    for run in lsr_runs(cfg, len(ds.x_train)):
-        key = (run["batch"], run["lr"], run["warmup_steps"])
-        if key not in done:
-            oc = optim.OptimConfig(
-                optimizer=cfg.optimizer,
-                learning_rate=run["lr"],
-                schedule=cfg.schedule,
-                warmup_steps=run["warmup_steps"],
-                total_steps=run["steps"],
+    for seed in cfg.seeds:
+        ds = data.load_dataset(cfg.dataset, seed)
+        done = {}  # identical (lr, steps, warmup) runs, e.g. every variant's B = B₀, train once
+        for run in lsr_runs(cfg, len(ds.x_train)):
+            key = (run["batch"], run["lr"], run["warmup_steps"])
+            if key not in done:
+                oc = optim.OptimConfig(
+                    optimizer=cfg.optimizer,
+                    learning_rate=run["lr"],
+                    schedule=cfg.schedule,
+                    warmup_steps=run["warmup_steps"],
+                    total_steps=run["steps"],
+                )
+                tc = TrainConfig(
+                    strategy=cfg.strategy,
+                    num_devices=cfg.num_devices,
+                    model="mlp",
+                    width=cfg.width,
+                    dataset=cfg.dataset,
+                    optim=oc,
+                    batch_size=run["batch"],
+                    steps=run["steps"],
+                    seed=seed,
+                    log_every=run["steps"],
+                    eval_every=run["steps"],
+                    quiet=True,
+                    max_nonfinite=0,
+                )  # a diverged run is a result, not an error
+                done[key] = train_and_evaluate(tc)
+            s = done[key]
+            finite = all(math.isfinite(s.get(k) or math.nan) for k in ("final_loss", "eval_loss"))
+            row = {
+                **run,
+                "seed": seed,
+                "n_test": len(ds.x_test),
+                "eval_accuracy": s.get("eval_accuracy"),
+                "eval_loss": s.get("eval_loss"),
+                "final_loss": s.get("final_loss"),
+                "diverged": not finite,
+            }
+            rows.append(row)
+            acc = row["eval_accuracy"]
+            log(
+                f"seed {seed} B={run['batch']} {run['variant']}: lr {run['lr']:.3g}, "
+                f"{run['steps']} steps, eval accuracy "
+                f"{'–' if acc is None else f'{acc:.4f}'}{'' if finite else ' (diverged)'}"
             )
-            tc = TrainConfig(
-                strategy=cfg.strategy,
-                num_devices=cfg.num_devices,
-                model="mlp",
-                width=cfg.width,
-                dataset=cfg.dataset,
-                optim=oc,
-                batch_size=run["batch"],
-                steps=run["steps"],
-                seed=cfg.seed,
-                log_every=run["steps"],
-                eval_every=run["steps"],
-                quiet=True,
-                max_nonfinite=0,
-            )  # a diverged run is a result, not an error
-            done[key] = train_and_evaluate(tc)
-        s = done[key]
-        diverged = not all(math.isfinite(s.get(k) or math.nan) for k in ("final_loss", "eval_loss"))
-        row = {
-            **run,
-            "eval_accuracy": s.get("eval_accuracy"),
-            "eval_loss": s.get("eval_loss"),
-            "final_loss": s.get("final_loss"),
-            "diverged": diverged,
-        }
-        rows.append(row)
-        log(
-            f"B={run['batch']} {run['variant']}: lr {run['lr']:.3g}, {run['steps']} steps, "
-            f"eval accuracy {row['eval_accuracy']:.4f}{' (diverged)' if diverged else ''}"
-        )
     return rows
 
 
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation / √k; 0 for one value)."""
+    k = len(values)
+    mean = sum(values) / k
+    if k < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (k - 1)
+    return mean, math.sqrt(var / k)
+
+
+def percent_decimals(n: int) -> int:
+    """Decimals of a percentage measured on ``n`` examples: its resolution is 100/n %, so
+    0 decimals for n <= 100, 1 up to 1,000, 2 up to 10,000."""
+    return max(0, math.ceil(-math.log10(100.0 / n) - 1e-9))
+
+
+def error_percent(rows: list[dict]) -> list[float]:
+    """Test error in % of each row that has an accuracy."""
+    return [100.0 * (1.0 - r["eval_accuracy"]) for r in rows if r["eval_accuracy"] is not None]
+
+
 def lsr_table(rows: list[dict]) -> str:
-    """Eval error (%) per batch size (rows) and variant (columns), with the steps of each run and
-    the linearly scaled rate."""
+    """Test error (%) per batch size (rows) and variant (columns): mean ± standard error over
+    the seeds, to the resolution of the test set, with the steps of each run and the linearly
+    scaled rate; ``(k diverged)`` counts seeds whose loss went non-finite."""
     variants = [v[0] for v in LSR_VARIANTS]
-    by = {(r["batch"], r["variant"]): r for r in rows}
-    headers = ["global batch", "steps", "η (linear)"] + [f"{v}: error %" for v in variants]
+    seeds = sorted({r["seed"] for r in rows})
+    decimals = percent_decimals(min(r["n_test"] for r in rows))
+    headers = ["global batch", "steps", "η (linear)"] + [
+        f"{v}: error % ({len(seeds)} seeds)" for v in variants
+    ]
     body = []
     for b in sorted({r["batch"] for r in rows}):
-        any_run = next(r for r in rows if r["batch"] == b)
-        lin = by.get((b, variants[0])) or by.get((b, variants[1]))
-        cells = [b, any_run["steps"], lin["lr"] if lin else None]
+        at_b = [r for r in rows if r["batch"] == b]
+        lin = next((r for r in at_b if r["variant"] in variants[:2]), None)
+        cells = [b, at_b[0]["steps"], lin["lr"] if lin else None]
         for v in variants:
-            r = by.get((b, v))
-            acc = r["eval_accuracy"] if r else None
-            cells.append(None if acc is None else 100.0 * (1.0 - acc))
+            runs = [r for r in at_b if r["variant"] == v]
+            errors = error_percent(runs)
+            if not errors:
+                cells.append(None)
+                continue
+            m, se = mean_se(errors)
+            cell = (
+                f"{m:.{decimals}f} ± {se:.{decimals}f}" if len(errors) > 1 else f"{m:.{decimals}f}"
+            )
+            diverged = sum(r["diverged"] for r in runs)
+            cells.append(cell + (f" ({diverged} diverged)" if diverged else ""))
         body.append(cells)
     return bench.markdown_table(headers, body, digits=4)
 

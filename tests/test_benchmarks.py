@@ -11,9 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from jaxsync import bench, benchrender, benchsuite, scaling
+from jaxsync import ConfigError, bench, benchrender, benchsuite, scaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MACHINE = bench.Machine("cpu", 2, "cpu", 8, "cpu", "3", {"jax": "x"}, (1.0, 1.0, 1.0))
 
 
 def test_alpha_beta_fit_recovers_the_model():
@@ -102,7 +103,6 @@ def test_failed_and_missing_sections_are_reported_without_numbers(tmp_path, monk
     )
     monkeypatch.setattr(benchsuite, "SECTIONS", sections)
     monkeypatch.setattr(benchsuite, "SECTION_KEYS", ("gone", "bad"))
-    machine = bench.Machine("cpu", 2, "cpu", 8, "cpu", "3", {"jax": "x"}, (1.0, 1.0, 1.0))
     cfg = benchsuite.SuiteConfig(
         mode="smoke",
         sections=("gone", "bad"),
@@ -110,8 +110,9 @@ def test_failed_and_missing_sections_are_reported_without_numbers(tmp_path, monk
         results_dir=str(tmp_path / "r"),
         root=ROOT,
         timeout_s=60,
+        allow_dirty=True,
     )
-    results = benchsuite.run_suite(cfg, machine, log=lambda *_: None)
+    results = benchsuite.run_suite(cfg, MACHINE, log=lambda *_: None)
     assert [(r.status, r.error) for r in results] == [
         ("missing", "no/such_script.py does not exist"),
         ("failed", "error: the device caught fire"),
@@ -135,6 +136,7 @@ def smoke_run(tmp_path_factory):
         f"--report={report}",
         f"--results_dir={results}",
         "--section_timeout=600",
+        "--allow_dirty",  # other work may be in progress in this checkout
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     return proc, report, results
@@ -157,11 +159,19 @@ def test_smoke_suite_writes_the_report(smoke_run):
     assert "## All-reduce (nccl-tests style)" in lines
     assert "## Data-parallel scaling" in lines
     assert "| allreduce | ok |" in text and "| scaling | ok |" in text
-    # nccl-tests rows: N = 2 at the two smoke sizes, for every backend, and the α–β fit.
-    assert sum(ln.startswith("| 2 | 4K |") for ln in lines) == 3
-    assert sum(ln.startswith("| 2 | 16K |") for ln in lines) == 3
-    for backend in ("psum", "ring", "ps"):
+    # nccl-tests rows: N = 2 at the two smoke sizes (bandwidth, time, ratio, one ring vs two),
+    # for every backend and the one-ring variant, and the α–β fit, labelled as a model.
+    assert sum(ln.startswith("| 2 | 4K |") for ln in lines) == 4
+    assert sum(ln.startswith("| 2 | 16K |") for ln in lines) == 4
+    for backend in ("psum", "ring", "ring1", "ps"):
         assert any(ln.startswith(f"| {backend} | ") for ln in lines)
+    assert "ring1/ring (wall)" in text and "ring α–β µs (model)" in text
+    assert "ideal speedup (N/N₁, formula)" in text
+    assert "not a committed revision" in next(ln for ln in lines if ln.startswith("**Code:**"))
+    # The committed full-length GAN runs are rendered with the command that wrote them.
+    assert "## Full-length runs" in lines
+    assert "`docs/full_runs/bench_gan_ring8.json`" in text
+    assert any(ln.startswith("| ring8 | PacGAN2+R1 | 10000 | 5 |") for ln in lines)
     # Scaling rows: strong and weak, N = 1 and 2, psum and ring.
     for strat in ("psum", "ring"):
         assert any(ln.startswith(f"| {strat} | 1 | 64 | 64 |") for ln in lines)
@@ -186,3 +196,97 @@ def test_a_section_past_its_timeout_is_stopped_and_reported(tmp_path):
     result = benchsuite.run_section(section, "smoke", str(tmp_path), ROOT, 1.0, log=lambda *_: None)
     assert (result.status, result.error) == ("timeout", "timed out after 1 s (--section_timeout)")
     assert "| 7 |" in (tmp_path / "slow.log").read_text()
+
+
+def _git(cwd, *args):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_a_dirty_tree_is_refused_unless_allowed(tmp_path):
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "r.json").write_text("{}\n")
+    _git(tmp_path, "add", "code.py", "out/r.json")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True
+    ).stdout.strip()
+    (tmp_path / "untracked.py").write_text("ignored\n")
+    (tmp_path / "out" / "r.json").write_text('{"new": 1}\n')  # the suite's own output
+    outputs = (str(tmp_path / "out"),)
+    assert benchsuite.check_clean_tree(str(tmp_path), outputs) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    with pytest.raises(ConfigError, match=r"uncommitted changes to tracked files \(code.py\)"):
+        benchsuite.check_clean_tree(str(tmp_path), outputs)
+    marked = benchsuite.check_clean_tree(str(tmp_path), outputs, allow_dirty=True)
+    assert marked.startswith(f"{head} + uncommitted changes to code.py")
+    assert "not a committed revision" in marked
+    # The suite stops before running anything.
+    cfg = benchsuite.SuiteConfig(
+        sections=("allreduce",), report_path=str(tmp_path / "B.md"), root=str(tmp_path)
+    )
+    with pytest.raises(ConfigError):
+        benchsuite.run_suite(cfg, MACHINE, log=lambda *_: None)
+    assert not (tmp_path / "B.md").exists()
+
+
+def test_full_runs_render_from_json_or_say_not_yet_run(tmp_path):
+    rl = benchsuite.FullRun("rl", "RL", str(tmp_path / "rl.json"), "python make_rl", "i", "rl")
+    text = benchrender.render_full_run(rl, ROOT, str(tmp_path))
+    assert f"**Not yet run:** `{tmp_path / 'rl.json'}` does not exist; `python make_rl`" in text
+    quality = {
+        "config": "ppo 1 dev",
+        "seeds_solved": 2,
+        "solved_at_per_seed": [1000, None],
+        "final_mean_return_per_seed": [500.0, 90.0],
+        "best_mean_return_per_seed": [500.0, 120.0],
+        "total_env_steps_per_s": 1234.0,
+        "compile_s": 3.0,
+        "run_s": 9.0,
+    }
+    (tmp_path / "rl.json").write_text(json.dumps({"quality": [quality], "speed": []}))
+    text = benchrender.render_full_run(rl, ROOT, str(tmp_path))  # bench_rl.py's print_tables
+    assert "written by `python make_rl`" in text
+    assert "| ppo 1 dev | 2/2 |" in text
+    gan = next(r for r in benchsuite.FULL_RUNS if r.key == "gan_grid25_full")
+    text = benchrender.render_full_run(gan, ROOT, ROOT)
+    assert "| grid25 | PacGAN2+R1 | 20000 | 5 | 25.0 ± 0.0 |" in text
+    assert f"written by `{gan.command}`" in text
+
+
+def test_quick_mode_labels_quality_columns():
+    section = next(s for s in benchsuite.SECTIONS if s.key == "rl")
+    stdout = "| config | seeds solved | best |\n|---|---|---|\n| ppo | 0/1 | 30 |\n"
+    result = benchsuite.SectionResult(section, "ok", ["python", "x"], stdout=stdout, mode="quick")
+    quick = benchrender.render_section(result, "/tmp", "/tmp")
+    assert "| config | seeds solved (quick length: not a result) | best (quick" in quick
+    assert "**Quick mode:**" in quick
+    result.mode = "full"
+    full = benchrender.render_section(result, "/tmp", "/tmp")
+    assert "| config | seeds solved | best |" in full and "Quick mode" not in full
+
+
+def test_lsr_table_mean_and_standard_error_at_test_set_resolution():
+    assert [scaling.percent_decimals(n) for n in (50, 100, 297, 1000, 10000)] == [0, 0, 1, 1, 2]
+    m, se = scaling.mean_se([1.0, 2.0, 6.0])
+    assert m == pytest.approx(3.0) and se == pytest.approx(math.sqrt(7 / 3))
+    rows = []
+    for seed, acc in enumerate((0.95, 0.96, 0.90)):
+        for variant, lr in (("linear + warmup", 0.04), ("no scaling", 0.01)):
+            rows.append(
+                {
+                    "batch": 128,
+                    "variant": variant,
+                    "lr": lr,
+                    "steps": 33,
+                    "seed": seed,
+                    "n_test": 297,
+                    "eval_accuracy": acc if variant == "no scaling" else 0.9,
+                    "diverged": variant == "no scaling" and seed == 2,
+                }
+            )
+    table = scaling.lsr_table(rows)
+    # no scaling: errors 5, 4, 10 % -> 6.3 ± 1.9 at one decimal; warmup: 10 % on every seed.
+    assert "| 128 | 33 | 0.04 | 10.0 ± 0.0 | – | 6.3 ± 1.9 (1 diverged) |" in table
+    assert "(3 seeds)" in table.splitlines()[0]
