@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from jaxsync import ConfigError
+from jaxsync.optim import OptimConfig
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
 
@@ -38,37 +41,55 @@ def test_default_run_writes_metrics_and_summary(tmp_path):
     assert "steps/s" in out.stdout and "ETA" in out.stdout
 
 
-BAD = {
+# One case per kind of check runs the real command line (one line on stderr, exit 2, nothing
+# already written touched); the rest raise the same ConfigError in-process, which cli.run prints.
+BAD_CLI = {
     "strategy": ("--strategy=allgather", "unknown strategy"),
-    "optimizer": ("--optimizer=lion9", "unknown optimizer"),
-    "model": ("--model=resnet", "unknown model"),
-    "dataset": ("--dataset=imagenet", "unknown dataset"),
-    "indivisible": ("--batch_size=100", "not divisible"),
     "devices": ("--num_devices=16", "--cpu_devices=16"),
-    "lr": ("--learning_rate=0", "learning_rate"),
-    "batch": ("--batch_size=0", "batch_size"),
-    "steps": ("--steps=-3", "steps"),
-    "data_dir": ("--dataset=mnist", "--data_dir"),
     "missing_dir": ("--dataset=mnist --data_dir=/nonexistent/mnist", "does not exist"),
-    "frontend": ("--frontend=xmap", "unknown frontend"),
+}
+BAD = {
+    "optimizer": (dict(optim=OptimConfig("lion9")), "unknown optimizer"),
+    "model": (dict(model="resnet"), "unknown model"),
+    "dataset": (dict(dataset="imagenet"), "unknown dataset"),
+    "indivisible": (dict(batch_size=100), "not divisible"),
+    "lr": (dict(optim=OptimConfig(learning_rate=0.0)), "learning_rate"),
+    "batch": (dict(batch_size=0), "batch_size"),
+    "steps": (dict(steps=-3), "steps"),
+    "data_dir": (dict(dataset="mnist"), "--data_dir"),
+    "frontend": (dict(frontend="xmap"), "unknown frontend"),
+    "check_replicas": (dict(check_replicas=-1), "--check_replicas must be >= 0"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("case", sorted(BAD_CLI))
 def test_bad_input_is_one_line_and_nonzero(case, tmp_path):
-    flag, expected = BAD[case]
+    flag, expected = BAD_CLI[case]
     keep = tmp_path / "keep.jsonl"
     keep.write_text("earlier run\n")
     out = run_train(*flag.split(), f"--metrics_file={keep}", timeout=60)
-    assert out.returncode != 0
+    assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, out.stderr
     assert expected in lines[0] and "Traceback" not in out.stderr
     assert keep.read_text() == "earlier run\n"  # nothing already written is lost
 
 
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_raises_one_config_error(case, tmp_path):
+    from jaxsync.train import TrainConfig, train_and_evaluate
+
+    fields, expected = BAD[case]
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text("earlier run\n")
+    with pytest.raises(ConfigError) as err:
+        train_and_evaluate(TrainConfig(**fields, metrics_file=str(keep), quiet=True))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert keep.read_text() == "earlier run\n"
+
+
 def test_int_list_parses_lists_and_strings_and_names_a_bad_flag():
-    from jaxsync import ConfigError, cli
+    from jaxsync import cli
 
     assert cli.int_list("devices", ["2", "4"]) == [2, 4]
     assert cli.int_list("speed_devices", "1,2,8") == [1, 2, 8]
