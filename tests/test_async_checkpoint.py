@@ -1,4 +1,4 @@
-"""Emulated async SGD (issue 9): SIGKILL then resume is bitwise the uninterrupted run, the same
+"""Emulated async SGD: SIGKILL then resume is bitwise the uninterrupted run, the same
 flags give the same run, NaN updates are skipped then stop the run, threads mode refuses."""
 
 import dataclasses

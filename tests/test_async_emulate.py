@@ -38,17 +38,23 @@ def _batches(ds, updates, k):
 
 
 def _reference(loss_fn, tx, params, batches, taus, aware):
-    """Plain Python async SGD: keep every version, apply mean_j s_j ∇L(w_{t−τ_tj})."""
+    """Plain Python async SGD: keep every version; under η/τ push j's rate is η · s_j.
+
+    s_j = 1/max(τ_tj, 1): the optimizer sees ḡ = Σ s_j g_j / Σ s_j and its step is scaled by
+    mean_j s_j (for SGD: (η/k) Σ s_j g_j, each gradient at its own rate, Zhang et al. 2016).
+    """
     versions, opt_state = [params], tx.init(params)
     grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))
     for t in range(taus.shape[0]):
-        gs = []
-        for j in range(taus.shape[1]):
-            g = grad(versions[t - taus[t, j]], (batches[0][t, j], batches[1][t, j]))
-            s = 1.0 / max(taus[t, j], 1) if aware else 1.0
-            gs.append(jax.tree.map(lambda x, s=s: x * s, g))
-        g = jax.tree.map(lambda *x: sum(x) / len(x), *gs)
-        updates, opt_state = tx.update(g, opt_state, versions[-1])
+        gs = [
+            grad(versions[t - tau], (batches[0][t, j], batches[1][t, j]))
+            for j, tau in enumerate(taus[t])
+        ]
+        s = [1.0 / max(tau, 1) if aware else 1.0 for tau in taus[t]]
+        weighted = lambda *x, s=s: sum(w * xi for w, xi in zip(s, x, strict=True)) / sum(s)
+        updates, opt_state = tx.update(jax.tree.map(weighted, *gs), opt_state, versions[-1])
+        rate = sum(s) / len(s)
+        updates = jax.tree.map(lambda u, rate=rate: u * rate, updates)
         versions.append(optax.apply_updates(versions[-1], updates))
     return versions[-1]
 
@@ -69,16 +75,15 @@ def test_tau_zero_is_bitwise_sync_sgd(setup, name):
 
 
 @pytest.mark.parametrize(
-    "cfg, aware",
+    "cfg, aware, tx",
     [
-        (StalenessConfig(model="fixed", staleness=3), False),
-        (StalenessConfig(model="uniform", staleness=3, seed=1), True),
-        (StalenessConfig(model="round_robin", num_workers=4, n_push=2), True),
+        (StalenessConfig(model="fixed", staleness=3), False, optax.sgd(0.1, momentum=0.9)),
+        (StalenessConfig(model="uniform", staleness=3, seed=1), True, optax.sgd(0.1, momentum=0.9)),
+        (StalenessConfig(model="round_robin", num_workers=4, n_push=2), True, optax.adam(0.01)),
     ],
 )
-def test_stale_replay_matches_reference(setup, cfg, aware):
+def test_stale_replay_matches_reference(setup, cfg, aware, tx):
     ds, loss_fn, params = setup
-    tx = optax.sgd(0.1, momentum=0.9)
     sched = make_schedule(cfg, T)
     batches = _batches(ds, T, cfg.n_push)
     emu = make_emulator(loss_fn, tx, int(sched.taus.max()) + 1, cfg.n_push, aware)
@@ -93,15 +98,37 @@ def test_emulation_is_bitwise_reproducible(setup):
     ds, loss_fn, params = setup
     tx = optax.sgd(0.1)
     cfg = StalenessConfig(model="uniform", staleness=4, seed=7)
+    emu = make_emulator(loss_fn, tx, int(make_schedule(cfg, T).taus.max()) + 1)
     runs = []
-    for _ in range(2):
-        sched = make_schedule(cfg, T)
-        emu = make_emulator(loss_fn, tx, int(sched.taus.max()) + 1)
-        runs.append(emu.run(emu.init(params), _batches(ds, T, 1), sched.taus)[0].params)
-    for a, b in zip(*map(jax.tree.leaves, runs), strict=True):
+    for _ in range(2):  # a fresh schedule each time; one compiled emulator replays both
+        runs.append(emu.run(emu.init(params), _batches(ds, T, 1), make_schedule(cfg, T).taus))
+    for a, b in zip(*(jax.tree.leaves(r[0].params) for r in runs), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     other = make_schedule(dataclasses.replace(cfg, seed=8), T).taus
     assert not np.array_equal(other, make_schedule(cfg, T).taus)
+
+
+def test_staleness_aware_rate_divides_the_adam_step_by_tau(setup):
+    """η/τ is a learning rate: with Adam and τ = 4 the applied step is 1/4 of the τ-free one.
+
+    One update from a fresh ring buffer (every slot holds the initial parameters), so τ = 0 and
+    τ = 4 take the same gradient and only the rate differs. Scaling the gradient by 1/τ instead
+    (the old rule) leaves Adam's first step −η · g/|g| unchanged: a ratio of 1, not 1/4.
+    """
+    ds, loss_fn, params = setup
+    tau = 4
+    emu = make_emulator(loss_fn, optax.adam(0.1), tau + 1, 1, staleness_aware=True)
+    batch = _batches(ds, 1, 1)
+    moved = {}
+    for t in (0, tau):
+        out, _ = emu.run(emu.init(params), batch, np.full((1, 1), t, np.int32))
+        moved[t] = [
+            np.asarray(a) - np.asarray(b)
+            for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(params), strict=True)
+        ]
+    for stale, fresh in zip(moved[tau], moved[0], strict=True):
+        np.testing.assert_allclose(stale, fresh / tau, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(p).max() for p in moved[0]) > 0.05  # Adam moved: the check has teeth
 
 
 def test_round_robin_staleness_is_n_minus_one():

@@ -89,14 +89,26 @@ def test_no_lost_updates_with_fifo_lock():
     np.testing.assert_array_equal(np.asarray(res.params["w"]), -LR * pushes)
 
 
-def test_n_push_and_staleness_aware_lr():
+def test_n_push_and_staleness_aware_lr_scales_the_adam_step():
+    """η/τ scales the optimizer's step: Adam on a constant gradient 1 steps by exactly −η, so
+    each update moves w by −η · mean_j 1/max(τ_j, 1). Scaling the gradient instead (the old rule)
+    leaves Adam's step at −η: the slow worker 1 makes some τ ≥ 2, where the two differ."""
     cfg = ThreadsConfig(
-        num_workers=2, total_pushes=40, n_push=4, staleness_aware=True, timeout_s=30.0
+        num_workers=2,
+        total_pushes=40,
+        n_push=2,
+        staleness_aware=True,
+        slowdown=(1.0, 8.0),
+        timeout_s=30.0,
     )
-    res = run_threads(cfg, _params(), optax.sgd(LR), _constant_grad_loss, _get_batch, jax.devices())
-    assert res.version == 10 and len(res.log) == 40
-    expect = -LR * sum(1.0 / max(r.staleness, 1) for r in res.log) / 4
-    np.testing.assert_allclose(np.asarray(res.params["w"]), expect, rtol=1e-6)
+    res = run_threads(
+        cfg, _params(), optax.adam(LR), _constant_grad_loss, _get_batch, jax.devices()
+    )
+    assert res.failures == {} and res.version == 20 and len(res.log) == 40
+    assert max(r.staleness for r in res.log) >= 2
+    rates = [1.0 / max(r.staleness, 1) for r in res.log]
+    expect = -LR * sum(rates) / 2  # Σ over updates of mean over their 2 pushes
+    np.testing.assert_allclose(np.asarray(res.params["w"]), expect, rtol=1e-5)
 
 
 def test_lock_free_run_completes_and_counts_pushes():

@@ -104,7 +104,10 @@ def report_rows(runs: dict, chance_loss: float = math.log(10)):
 
     ``target`` is the eval loss sync SGD reaches halfway through. ``common_time`` is the simulated
     time the fastest worker-model run needs for all its updates; every worker-model run's eval
-    loss at that time compares them at equal wall time. ``diverged``: the final eval loss is
+    loss at that time compares them at equal simulated time. Columns marked "(counted)" or
+    "(scheduled)" come from the seeded staleness plan and the discrete-event worker model
+    (:func:`~jaxsync.async_ps.staleness.simulate_workers`), not from measurement; losses and
+    accuracies are measured. ``diverged``: the final eval loss is
     non-finite or worse than uniform guessing (ln 10 for the 10-class teacher task).
     """
     sync = runs["sync"][1]
@@ -119,16 +122,18 @@ def report_rows(runs: dict, chance_loss: float = math.log(10)):
         rows.append(
             {
                 "run": name,
-                "staleness mean": round(s.get("staleness_mean", 0.0), 2),
-                "staleness max": s.get("staleness_max", 0),
+                # From the seeded schedule the run replays, not measured from worker threads.
+                "staleness mean (scheduled)": round(s.get("staleness_mean", 0.0), 2),
+                "staleness max (scheduled)": s.get("staleness_max", 0),
                 "final eval loss": round(loss, 4),
                 "eval acc": round(s["eval_accuracy"], 4),
                 "updates to target": hit["step"] if hit else None,
-                "sim time to target": hit["sim_time"] if hit and has_time else None,
-                f"eval loss @ t={common:g}": _loss_at(recs, "sim_time", common)
+                # Time of the discrete-event worker model (a normal gradient = 1), not wall time.
+                "sim time to target (counted)": hit["sim_time"] if hit and has_time else None,
+                f"eval loss @ sim t={common:g}": _loss_at(recs, "sim_time", common)
                 if has_time
                 else None,
-                "sim time (all updates)": recs[-1]["sim_time"] if has_time else None,
+                "sim time, all updates (counted)": recs[-1]["sim_time"] if has_time else None,
                 "diverged": not math.isfinite(loss) or loss > chance_loss,
                 "param_checksum": s["param_checksum"],
             }

@@ -6,11 +6,15 @@ gradient computed on an older version t − τ:
     w_{t+1} = w_t − η_t · (1/k) Σ_j  s_j · ∇L(w_{t−τ_{t,j}}; batch_{t,j}),
 
 with k pushes per update (``n_push``) and s_j = 1/max(τ_{t,j}, 1) under the staleness-aware
-learning rate (Zhang et al. 2016) or 1 otherwise. The device keeps a ring buffer of the last
-H = max τ + 1 parameter versions (version v lives in slot v mod H); ``lax.scan`` replays a
-:class:`~jaxsync.async_ps.staleness.Schedule`, so a seed fixes every bit of the run. With τ = 0
-and k = 1 the update is exactly single-device synchronous SGD on the same batches (the ring
-buffer then holds one slot, the current parameters).
+learning rate (Zhang et al. 2016) or 1 otherwise. That is the SGD form; for any optax optimizer the
+rate factor multiplies the optimizer's step, not the gradient (Adam would normalise a scaled
+gradient back): the optimizer sees the s-weighted mean Σ_j s_j g_j / Σ_j s_j and its update is
+scaled by (1/k) Σ_j s_j (:func:`~jaxsync.async_ps.staleness.combine_pushes`).
+
+The device keeps a ring buffer of the last H = max τ + 1 parameter versions (version v lives in
+slot v mod H); ``lax.scan`` replays a :class:`~jaxsync.async_ps.staleness.Schedule`, so a seed
+fixes every bit of the run. With τ = 0 and k = 1 the update is exactly single-device synchronous
+SGD on the same batches (the ring buffer then holds one slot, the current parameters).
 
 The scan carry :class:`EmuState` is the whole emulator: it holds no RNG (the schedule and the
 batches are pure functions of the seed and the update count), so saving it and replaying the rest
@@ -27,8 +31,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxsync.async_ps.staleness import staleness_scale
-from jaxsync.parallel.common import apply_optimizer
+from jaxsync.async_ps.staleness import apply_staleness_aware, combine_pushes, staleness_scale
 
 
 class EmuState(NamedTuple):
@@ -75,17 +78,6 @@ def _guard_counts(opt_state) -> dict:
     }
 
 
-def _scaled_mean(grads, scale):
-    """(1/k) Σ_j scale_j · g_j over the leading push axis (scale None: plain mean)."""
-
-    def reduce(g):
-        if scale is not None:
-            g = g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-        return jnp.mean(g, axis=0)
-
-    return jax.tree.map(reduce, grads)
-
-
 def make_emulator(
     loss_fn, tx, history_size: int, n_push: int = 1, staleness_aware: bool = False
 ) -> Emulator:
@@ -112,15 +104,13 @@ def make_emulator(
             stale = jax.tree.map(lambda h: h[slots[0]], state.history)
             one = jax.tree.map(lambda b: b[0], batch)
             (loss, aux), grads = grad_fn(stale, one)
-            scale = staleness_scale(taus, staleness_aware)
-            if scale is not None:
-                grads = jax.tree.map(lambda g: g * scale[0].astype(g.dtype), grads)
+            grads = jax.tree.map(lambda g: g[None], grads)  # the push axis combine_pushes reads
         else:
             stale = jax.tree.map(lambda h: h[slots], state.history)
             (losses, auxs), grads = jax.vmap(grad_fn)(stale, batch)
-            grads = _scaled_mean(grads, staleness_scale(taus, staleness_aware))
             loss, aux = jnp.mean(losses), jax.tree.map(jnp.mean, auxs)
-        params, opt_state = apply_optimizer(tx, grads, state.opt_state, state.params)
+        grads, rate = combine_pushes(grads, staleness_scale(taus, staleness_aware))
+        params, opt_state = apply_staleness_aware(tx, grads, state.opt_state, state.params, rate)
         step = state.step + 1
         history = _ring_write(state.history, params, step % history_size)
         metrics = {"loss": loss, **aux, "staleness": jnp.mean(taus.astype(jnp.float32))}

@@ -20,6 +20,8 @@ import threading
 import time
 from typing import NamedTuple
 
+from jaxsync import ConfigError
+
 LOCK_POLICIES = ("fifo", "none")
 
 
@@ -42,7 +44,7 @@ class LockService:
 
     def __init__(self, policy: str = "fifo", timeout_s: float = 10.0):
         if policy not in LOCK_POLICIES:
-            raise ValueError(f"unknown lock policy {policy!r}; choose from {list(LOCK_POLICIES)}")
+            raise ConfigError(f"unknown lock policy {policy!r}; choose from {list(LOCK_POLICIES)}")
         self.policy = policy
         self.timeout_s = timeout_s
         self._cond = threading.Condition()

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsync.async_ps.lock import LockService
+from jaxsync.async_ps.staleness import apply_staleness_aware, combine_pushes
 from jaxsync.parallel.common import apply_optimizer
 
 
@@ -66,17 +67,21 @@ class ThreadsResult(NamedTuple):
 
 
 def _server_update(tx, staleness_aware, grads_list, scales, opt_state, params):
-    """(1/k) Σ_j s_j g_j, then the optimizer; s_j = 1/max(τ_j, 1) under η/τ (Zhang et al. 2016)."""
-    if staleness_aware:
-        grads_list = [
-            jax.tree.map(lambda g, s=s: g * s.astype(g.dtype), gs)
-            for gs, s in zip(grads_list, scales, strict=True)
-        ]
-    if len(grads_list) == 1:
-        grads = grads_list[0]
-    else:
-        grads = jax.tree.map(lambda *g: sum(g) / len(g), *grads_list)
-    return apply_optimizer(tx, grads, opt_state, params)
+    """One server update from k pushed gradients, then the optimizer.
+
+    Plain: (1/k) Σ_j g_j. Under η/τ (Zhang et al. 2016) the rate of push j is η · s_j with
+    s_j = 1/max(τ_j, 1): :func:`~jaxsync.async_ps.staleness.combine_pushes` gives the gradient and
+    the factor that scales the optimizer's step (not the gradient, which Adam would normalise).
+    """
+    if not staleness_aware:
+        if len(grads_list) == 1:
+            grads = grads_list[0]
+        else:
+            grads = jax.tree.map(lambda *g: sum(g) / len(g), *grads_list)
+        return apply_optimizer(tx, grads, opt_state, params)
+    stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads_list)
+    grads, rate = combine_pushes(stacked, scales)
+    return apply_staleness_aware(tx, grads, opt_state, params, rate)
 
 
 class ParameterServer:

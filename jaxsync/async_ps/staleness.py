@@ -29,8 +29,10 @@ import heapq
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxsync import ConfigError
 
@@ -107,7 +109,7 @@ def make_schedule(c: StalenessConfig, num_updates: int) -> Schedule:
     elif c.model == "uniform":
         rng = np.random.default_rng([c.seed, 31])
         taus = np.minimum(rng.integers(0, c.staleness + 1, shape), version)
-    else:
+    elif c.model in WORKER_MODELS:
         workers, taus, times = simulate_workers(
             worker_speeds(c), num_updates * c.n_push, c.n_push, c.ssp_bound, _slow_draw(c)
         )
@@ -116,6 +118,8 @@ def make_schedule(c: StalenessConfig, num_updates: int) -> Schedule:
             workers.reshape(shape).astype(np.int32),
             times.reshape(shape),
         )
+    else:  # validate_staleness raised already; kept so a new name cannot fall through
+        raise ConfigError(f"unknown staleness model {c.model!r}")
     workers = np.broadcast_to(np.arange(c.n_push)[None, :] % c.num_workers, shape)
     return Schedule(taus.astype(np.int32), workers.astype(np.int32).copy(), None)
 
@@ -174,7 +178,7 @@ def staleness_histogram(taus) -> dict[int, int]:
 
 
 def staleness_scale(taus, enabled: bool):
-    """Per-gradient factor 1 / max(τ, 1) of the staleness-aware learning rate η/τ.
+    """Per-gradient factor s = 1 / max(τ, 1) of the staleness-aware learning rate η/τ.
 
     Zhang et al. 2016, "Staleness-aware Async-SGD for Distributed Deep Learning" (IJCAI): each
     gradient's learning rate is divided by its staleness; τ = 0 (a fresh gradient) keeps η.
@@ -183,3 +187,53 @@ def staleness_scale(taus, enabled: bool):
     if not enabled:
         return None
     return 1.0 / jnp.maximum(jnp.asarray(taus, jnp.float32), 1.0)
+
+
+def combine_pushes(grads, scale):
+    """One server update's gradient and learning-rate factor from k pushes (leading axis k).
+
+    With per-push factors s_j (:func:`staleness_scale`) the gradient is the s-weighted mean
+    ḡ = Σ_j s_j g_j / Σ_j s_j and the rate factor r = (1/k) Σ_j s_j, so that plain SGD applies
+    η · r · ḡ = (η/k) Σ_j g_j / max(τ_j, 1): every gradient at its own rate η/τ_j (Zhang et al.
+    2016). For any other optimizer r scales the step the optimizer computes from ḡ, like a
+    learning-rate schedule does. ``scale`` None: the plain mean and r = None (no scaling).
+    k = 1 returns the gradient itself and r = s.
+    """
+    k = jax.tree.leaves(grads)[0].shape[0]
+    if k == 1:
+        first = jax.tree.map(lambda g: g[0], grads)
+        return first, None if scale is None else scale[0]
+    if scale is None:
+        return jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), None
+    weights = scale / jnp.sum(scale)
+
+    def weighted(g):
+        return jnp.tensordot(weights.astype(g.dtype), g, axes=1)
+
+    return jax.tree.map(weighted, grads), jnp.mean(scale)
+
+
+def staleness_aware(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose step is multiplied by a per-update learning-rate factor ``rate_scale``.
+
+    ``update(grads, state, params, *, rate_scale=None)`` returns ``rate_scale · u`` where ``u``
+    is ``tx``'s update: η becomes η · rate_scale for this update, for any optimizer (with Adam,
+    scaling the gradient instead would cancel in m / √v). The state is ``tx``'s own, so turning
+    the rate on or off does not change the checkpoint layout. ``rate_scale`` None leaves ``u``
+    untouched, bit for bit.
+    """
+    inner = optax.with_extra_args_support(tx)
+
+    def update(updates, state, params=None, *, rate_scale=None, **extra):
+        updates, state = inner.update(updates, state, params, **extra)
+        if rate_scale is not None:
+            updates = jax.tree.map(lambda u: u * jnp.asarray(rate_scale, u.dtype), updates)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def apply_staleness_aware(tx, grads, opt_state, params, rate_scale):
+    """One optax step at rate η · ``rate_scale`` (None: η): ``-> (params, opt_state)``."""
+    updates, opt_state = staleness_aware(tx).update(grads, opt_state, params, rate_scale=rate_scale)
+    return optax.apply_updates(params, updates), opt_state

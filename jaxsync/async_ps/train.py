@@ -76,7 +76,7 @@ class AsyncConfig:
     fail_worker: int = -1  # threads mode: inject a RuntimeError in this worker (-1: none)
     fail_after: int = 2  # ... after it has pushed this many gradients
     quiet: bool = False
-    # Checkpoints, resume, non-finite guard, TensorBoard (issue 9), emulated mode only; the
+    # Checkpoints, resume, non-finite guard, TensorBoard, emulated mode only; the
     # fields and their meaning are those of jaxsync.train.TrainConfig, with steps = updates.
     workdir: str | None = None
     checkpoint_every: int = 100  # 0: only the final update
@@ -165,8 +165,10 @@ def train_async(cfg: AsyncConfig) -> dict:
             if cfg.max_nonfinite:  # skipped inside the jitted update, on the averaged gradient
                 tx = optax.apply_if_finite(tx, cfg.max_nonfinite)
             summary = _run_emulated(cfg, ds, params, tx, loss_fn, evaluate, writers, ckpt, start)
-        else:
+        elif cfg.mode == "threads":
             summary = _run_threads(cfg, ds, params, tx, loss_fn, evaluate, writers[0])
+        else:  # validate() raised already; kept so a new mode cannot fall through
+            raise ConfigError(f"unknown mode {cfg.mode!r}; choose from {list(MODES)}")
         writers[0].write(summary)
     finally:
         for w in writers:
