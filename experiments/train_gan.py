@@ -20,7 +20,9 @@ The digits with a conv pair on the ring all-reduce:
 Resumable runs: --workdir=runs/gan checkpoints both networks, their optimizer states and the keys
 every --checkpoint_every steps; running the same command again continues from the latest
 checkpoint, bitwise as if never stopped. Updates with NaN/Inf gradients are skipped; after
---max_nonfinite in a row the run stops, the last checkpoint intact.
+--max_nonfinite in a row the run stops, the last checkpoint intact. --check_replicas=K: every K
+steps and at the end, check that every device holds the same bits of both networks (exit 1 naming
+the first leaf that differs otherwise).
 
 The summary line gives modes captured, % high-quality samples and the reverse KL (toys), or
 classes covered, mean classifier confidence and the class-histogram KL (digits).
@@ -39,7 +41,11 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("d_width", 0, "Discriminator width or channels; 0: as --width.")
 flags.DEFINE_integer("d_depth", 2, "Discriminator hidden layers, mlp only (>= 1).")
 flags.DEFINE_integer("latent_dim", 0, "Latent z dimension; 0 picks 2 for the toys, 32 for digits.")
-flags.DEFINE_string("strategy", "psum", "Gradient sync for both nets: single | psum | ring | ps.")
+flags.DEFINE_string(
+    "strategy",
+    "psum",
+    "Gradient sync for both nets: single (one device) or a sync backend: psum | ring | ps.",
+)
 flags.DEFINE_integer("steps", 3000, "Training steps, each one D update then one G update (>= 1).")
 flags.DEFINE_integer(
     "batch_size", 256, "Global batch over all devices (>= 1; divisible by devices × pac)."
@@ -77,6 +83,7 @@ flags.DEFINE_string(
 )
 cli.define_device_flags()
 cli.define_checkpoint_flags()
+cli.define_replica_flags()
 
 
 def main(argv):
@@ -108,6 +115,7 @@ def main(argv):
         plot_every=FLAGS.plot_every,
         plot_dir=FLAGS.plot_dir,
         metrics_file=FLAGS.metrics_file,
+        check_replicas=FLAGS.check_replicas,
         **cli.checkpoint_kwargs_from_flags(),
     )
     summary = train_gan(cfg)

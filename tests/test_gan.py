@@ -10,6 +10,7 @@ import pytest
 
 from jaxsync import ConfigError
 from jaxsync.agents.gan import data, gan, metrics, nets
+from jaxsync.replicas import ReplicaDivergence
 
 RING = data.ring_means(8, 1.0)
 GRID = data.grid_means(5, 2.0)
@@ -151,6 +152,47 @@ def test_data_parallel_matches_single_device(strategy, single_after_3_steps):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
     for k in ("d_loss", "g_loss", "r1"):
         assert float(m[k]) == pytest.approx(float(ref_metrics[k]), rel=1e-4, abs=1e-6)
+    assert trainer.check_replicas(state) == _replicated_leaves(state, strategy)
+
+
+def _replicated_leaves(state, strategy):
+    """Leaves the replica check must cover: step, both networks, and the optimizer states unless
+    the backend keeps them per device (ps)."""
+    kept = (state.step, state.g_params, state.d_params)
+    return len(jax.tree.leaves(kept + (() if strategy == "ps" else (state.g_opt, state.d_opt))))
+
+
+def _diverge_one_copy(tree, device=2):
+    """``tree`` with the first leaf's copy on mesh device ``device`` moved by one unit in the last
+    place of its first value, as a backend that lost a bit on one device would leave it."""
+    leaves, treedef = jax.tree.flatten(tree)
+    leaf = leaves[0]
+    bufs = []
+    for i, shard in enumerate(leaf.addressable_shards):
+        host = np.array(shard.data)
+        if i == device:
+            flat = host.reshape(-1)
+            flat[0] = np.nextafter(flat[0], np.inf) if flat.dtype.kind == "f" else flat[0] + 1
+        bufs.append(jax.device_put(host, shard.device))
+    leaves[0] = jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, bufs)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize("strategy", ["psum", "ring", "ps"])
+def test_replica_check_catches_one_diverged_device(strategy):
+    trainer = gan.make_gan_trainer(_parts(), strategy, num_devices=4)
+    state = trainer.init(jax.random.key(1))
+    assert trainer.check_replicas(state) == _replicated_leaves(state, strategy)
+    for field in ("step", "g_params", "d_params"):
+        bad = state._replace(**{field: _diverge_one_copy(getattr(state, field))})
+        with pytest.raises(ReplicaDivergence, match="device 2 differs from device 0"):
+            trainer.check_replicas(bad)
+    bad_opt = state._replace(d_opt=_diverge_one_copy(state.d_opt))
+    if strategy == "ps":  # per device by design: only the server's copy is ever updated
+        trainer.check_replicas(bad_opt)
+    else:
+        with pytest.raises(ReplicaDivergence, match="device 2 differs"):
+            trainer.check_replicas(bad_opt)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +202,7 @@ def unrolled_single_after_2_steps():
     return jax.device_get(trainer.run(trainer.init(jax.random.key(1)), jax.random.key(2), 2)[0])
 
 
-@pytest.mark.parametrize("strategy", ["psum", "ring"])  # ps differentiates ppermute as ring does
+@pytest.mark.parametrize("strategy", ["psum", "ring", "ps"])
 def test_unrolled_data_parallel_matches_single_device(strategy, unrolled_single_after_2_steps):
     # G's gradient runs back through D's synchronised updates (psum / ppermute transposes).
     ref = unrolled_single_after_2_steps
@@ -168,6 +210,7 @@ def test_unrolled_data_parallel_matches_single_device(strategy, unrolled_single_
     state, _ = trainer.run(trainer.init(jax.random.key(1)), jax.random.key(2), 2)
     for got, want in ((state.g_params, ref.g_params), (state.d_params, ref.d_params)):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+    assert trainer.check_replicas(state) == _replicated_leaves(state, strategy)
 
 
 def test_unrolled_discriminator_is_k_updates_and_changes_g():

@@ -1,4 +1,4 @@
-"""GAN runs (issue 9): SIGKILL then resume is bitwise the uninterrupted run (per-device ``ps``
+"""GAN runs: SIGKILL then resume is bitwise the uninterrupted run (per-device ``ps``
 optimizer states included), the same flags give the same run, NaN updates are skipped then stop
 the run with the last checkpoint intact."""
 

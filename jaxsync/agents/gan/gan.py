@@ -20,10 +20,13 @@ One step alternates: a discriminator update on (x, G(z)), then a generator updat
   and synchronisation backend), run on copies; D itself takes one update per step as usual.
 
 Data parallelism: the per-device step is written once with a named axis; each network's local
-gradient is synchronised by its own :mod:`jaxsync.sync` backend (``psum`` | ``ring`` | ``ps``)
-inside ``jax.shard_map(check_vma=False)`` (DESIGN.md, "Known traps"). Every device draws the same
+gradient is synchronised by its own :mod:`jaxsync.sync` backend (any name of
+``jaxsync.sync.backend_names()``: ``psum`` | ``ring`` | ``ps``) inside
+``jax.shard_map(check_vma=False)`` (docs/design.md, "Known traps"). Every device draws the same
 global batch from ``(key, step)`` and keeps its slice, so N devices match one device step for step.
-Steps run in chunks under ``lax.scan`` so a chunk is one dispatch.
+Steps run in chunks under ``lax.scan`` so a chunk is one dispatch. With ``check_vma=False`` JAX
+trusts that the replicated outputs are the same on every device; :attr:`GANTrainer.check_replicas`
+reads every device's copy and checks that they are (:mod:`jaxsync.replicas`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from jaxsync import ConfigError
 from jaxsync.agents.gan.data import RealData
 from jaxsync.mesh import DATA_AXIS, make_mesh
 from jaxsync.parallel.common import apply_optimizer
-from jaxsync.sync import make_backend
+from jaxsync.replicas import check_replicas
+from jaxsync.sync import backend_names, make_backend
 
 
 class GANState(NamedTuple):
@@ -254,19 +258,47 @@ class GANTrainer(NamedTuple):
     """A GAN strategy as plain functions.
 
     Attributes:
-      name: ``single`` | ``psum`` | ``ring`` | ``ps``.
+      name: ``single`` or a sync backend name (:func:`strategies`).
       init: ``rng -> GANState`` placed on the strategy's devices.
       run: ``(state, key, num_steps) -> (state, metrics)``, jitted, ``num_steps`` static.
       num_devices: devices the step runs on.
+      check_replicas: ``state -> leaves checked``; raises
+        :class:`jaxsync.replicas.ReplicaDivergence` unless every device's copy of what the
+        strategy keeps replicated (the step, both networks' parameters and, unless the backend
+        keeps them per device, their optimizer states) is bit-identical.
     """
 
     name: str
     init: Callable
     run: Callable
     num_devices: int
+    check_replicas: Callable
 
 
-STRATEGIES = ("single", "psum", "ring", "ps")
+def strategies() -> tuple[str, ...]:
+    """``single`` (the one-device reference) and every registered sync backend."""
+    return ("single", *backend_names())
+
+
+def check_strategy(strategy: str) -> str:
+    """``strategy`` if it is one of :func:`strategies`, else ConfigError naming the choices."""
+    if strategy not in strategies():
+        raise ConfigError(f"unknown strategy {strategy!r}; choose from {list(strategies())}")
+    return strategy
+
+
+def replica_check(per_device_opt: bool) -> Callable:
+    """``state -> leaves checked`` (:func:`jaxsync.replicas.check_replicas`): the step and both
+    networks' parameters; the optimizer states too unless ``per_device_opt`` (the backend's
+    ``server_state``: under ``ps`` only the server's copy is ever updated)."""
+
+    def check(state: GANState) -> int:
+        replicated = (state.step, state.g_params, state.d_params)
+        if not per_device_opt:
+            replicated += (state.g_opt, state.d_opt)
+        return check_replicas(replicated)
+
+    return check
 
 
 def make_gan_trainer(
@@ -275,11 +307,11 @@ def make_gan_trainer(
     """Build the GAN runner for ``strategy`` over the first ``num_devices`` devices.
 
     ``single`` is the one-device reference. The others build one sync backend per network,
-    ``make_backend(strategy, tx, axis_name)``, and run the per-device chunk under shard_map; the
-    ``ps`` backend keeps its optimizer state per device (a leading axis of size N).
+    ``make_backend(strategy, tx, axis_name)``, and run the per-device chunk under shard_map; a
+    backend with ``server_state`` (``ps``) keeps its optimizer state per device (a leading axis of
+    size N).
     """
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown GAN strategy {strategy!r}; choose from {list(STRATEGIES)}")
+    check_strategy(strategy)
     n = 1 if strategy == "single" else num_devices
     if parts.batch_size % (n * parts.pac):
         raise ConfigError(
@@ -293,6 +325,7 @@ def make_gan_trainer(
             jax.jit(partial(init_gan_state, parts)),
             jax.jit(run, static_argnums=2, donate_argnums=0),
             1,
+            replica_check(False),
         )
     d_sync = make_backend(strategy, parts.d_tx, axis_name)
     g_sync = make_backend(strategy, parts.g_tx, axis_name)
@@ -331,7 +364,11 @@ def make_gan_trainer(
         return jax.device_put(state, shardings)
 
     return GANTrainer(
-        strategy, init, jax.jit(run_sharded, static_argnums=2, donate_argnums=0), num_devices
+        strategy,
+        init,
+        jax.jit(run_sharded, static_argnums=2, donate_argnums=0),
+        num_devices,
+        replica_check(per_device),
     )
 
 

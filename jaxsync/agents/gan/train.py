@@ -4,13 +4,17 @@
 writes a JSONL object (losses and D's mean outputs averaged since the previous logged step, the
 count of skipped non-finite updates and the sample scores); the last line is a summary.
 
-Checkpoints, resume and the non-finite guard (issue 9) reuse :mod:`jaxsync.checkpoint` and the
+Checkpoints, resume and the non-finite guard reuse :mod:`jaxsync.checkpoint` and the
 workdir helpers of :mod:`jaxsync.runs`: the same layout (``<workdir>/checkpoints``, appended
 ``metrics.jsonl`` with start / resume events, ``tensorboard/``), the same errors. A checkpoint
 holds the whole ``GANState`` (both networks' parameters and optimizer states, per device under
 ``ps``, the step) and the data and eval keys. Batches are a function of (data key, step) and chunk
 boundaries of the step count only, so a resumed run replays the uninterrupted run's chunks and is
 bitwise the same.
+
+``check_replicas = K``: every K steps and at the end the loop reads every device's copy of the
+replicated state (:attr:`jaxsync.agents.gan.gan.GANTrainer.check_replicas`) and stops with
+:class:`jaxsync.replicas.ReplicaDivergence` naming the first leaf that differs.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class GANConfig:
 
     dataset: str = "ring8"  # ring8 | grid25 | digits
     net: str = "mlp"  # mlp | conv (digits)
-    strategy: str = "psum"  # single | psum | ring | ps
+    strategy: str = "psum"  # single, or a sync backend (jaxsync.sync.backend_names())
     num_devices: int = 8
     steps: int = 3000
     batch_size: int = 256
@@ -73,8 +77,8 @@ class GANConfig:
     metrics_file: str | None = None
     eval_samples: int = metrics.NUM_EVAL_SAMPLES
     quiet: bool = False
-    # Checkpoints, resume, non-finite guard, TensorBoard (issue 9); the fields and their meaning
-    # are those of jaxsync.train.TrainConfig.
+    # Checkpoints, resume, non-finite guard, TensorBoard, replica check; the fields and their
+    # meaning are those of jaxsync.train.TrainConfig.
     workdir: str | None = None
     checkpoint_every: int = 100  # 0: only the final step
     keep_checkpoints: int = 3
@@ -82,6 +86,7 @@ class GANConfig:
     max_nonfinite: int = 10  # 0 disables the guard
     tensorboard: bool = False
     nan_at_steps: tuple[int, ...] = ()  # fault injection: these steps get a NaN latent
+    check_replicas: int = 0  # K >= 1: every K steps and at the end, jaxsync.replicas (0: off)
 
     @property
     def z_dim(self) -> int:
@@ -96,8 +101,7 @@ def validate(cfg: GANConfig) -> None:
     """Raise ConfigError naming the first bad field."""
     if cfg.dataset not in data.DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose from {sorted(data.DATASETS)}")
-    if cfg.strategy not in gan.STRATEGIES:
-        raise ConfigError(f"unknown strategy {cfg.strategy!r}; choose from {list(gan.STRATEGIES)}")
+    gan.check_strategy(cfg.strategy)
     chosen = remedies(cfg.remedy)
     check_at_least(
         cfg,
@@ -113,7 +117,7 @@ def validate(cfg: GANConfig) -> None:
         ),
         1,
     )
-    check_at_least(cfg, ("plot_every", "latent_dim", "width", "d_width"), 0)
+    check_at_least(cfg, ("plot_every", "latent_dim", "width", "d_width", "check_replicas"), 0)
     if cfg.r1_gamma < 0:
         raise ConfigError(f"--r1_gamma must be >= 0, got {cfg.r1_gamma}")
     if not 0 <= cfg.beta1 < 1:
@@ -188,9 +192,10 @@ def save_picture(cfg: GANConfig, real: data.RealData, samples, step: int) -> str
 
 
 def chunk_boundaries(cfg: GANConfig) -> list[int]:
-    """Steps after which the loop stops to log, plot or (with a workdir) checkpoint, ending with
-    ``cfg.steps``: a function of the step count only, so a resumed run replays the same chunks."""
-    periods = [cfg.log_every, cfg.plot_every]
+    """Steps after which the loop stops to log, plot, check replicas or (with a workdir)
+    checkpoint, ending with ``cfg.steps``: a function of the config only, so a resumed run
+    replays the same chunks."""
+    periods = [cfg.log_every, cfg.plot_every, cfg.check_replicas]
     if cfg.workdir:
         periods.append(cfg.checkpoint_every)
     marks = {cfg.steps}
@@ -269,6 +274,7 @@ def _loop(cfg, parts, trainer, tree, ckpt, start, carried, writers) -> dict:
     progress = Progress(cfg.steps, start_step=start)
     scores, window = carried.get("scores", {}), carried.get("window", {"count": 0, "sums": {}})
     step, times, compiled, nonfinite = start, [], set(), carried.get("nonfinite_steps", 0)
+    replica_checks = carried.get("replica_checks", 0)
     for end in [b for b in chunk_boundaries(cfg) if b > start]:
         t0 = time.perf_counter()
         state, chunk = trainer.run(state, data_key, end - step)
@@ -280,6 +286,9 @@ def _loop(cfg, parts, trainer, tree, ckpt, start, carried, writers) -> dict:
         _stop_if_nonfinite(cfg, ckpt, writers, step, chunk, guard)
         window = _accumulate(window, chunk, end - step)
         nonfinite, step = guard["nonfinite_total"][-1], end
+        if cfg.check_replicas and (step % cfg.check_replicas == 0 or step == cfg.steps):
+            trainer.check_replicas(state)  # raises ReplicaDivergence naming the leaf
+            replica_checks += 1
         logging = step % cfg.log_every == 0 or step == cfg.steps
         plotting = (cfg.plot_every and step % cfg.plot_every == 0) or step == cfg.steps
         samples = sample(state.g_params) if logging or plotting else None
@@ -297,9 +306,15 @@ def _loop(cfg, parts, trainer, tree, ckpt, start, carried, writers) -> dict:
             step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         ):
             meta = {"config": runs.config_json(cfg), "data_position": step}
-            carry = {"scores": scores, "window": window, "nonfinite_steps": nonfinite}
+            carry = {
+                "scores": scores,
+                "window": window,
+                "nonfinite_steps": nonfinite,
+                "replica_checks": replica_checks,
+            }
             ckpt.save(step, {**tree, "state": state}, {**meta, **to_python(carry)})
-    return _summary(cfg, trainer, state, scores, nonfinite, times, writers[0])
+    summary = {"nonfinite_steps": nonfinite, "replica_checks": replica_checks}
+    return _summary(cfg, trainer, state, scores, summary, times, writers[0])
 
 
 def _accumulate(window: dict, chunk: dict, n: int) -> dict:
@@ -322,7 +337,7 @@ def _stop_if_nonfinite(cfg, ckpt, writers, step, chunk, guard) -> None:
     runs.stop_nonfinite(cfg, ckpt, step + i + 1, writers)
 
 
-def _summary(cfg, trainer, state, scores, nonfinite, times, writer) -> dict:
+def _summary(cfg, trainer, state, scores, counts, times, writer) -> dict:
     summary = {
         "summary": True,
         "dataset": cfg.dataset,
@@ -332,7 +347,7 @@ def _summary(cfg, trainer, state, scores, nonfinite, times, writer) -> dict:
         "steps": cfg.steps,
         "seed": cfg.seed,
         **{k: v for k, v in scores.items() if "counts" not in k},
-        "nonfinite_steps": nonfinite,
+        **counts,
         "mean_step_ms": median_ms(times),
         "g_checksum": param_checksum(state.g_params),
         "d_checksum": param_checksum(state.d_params),
