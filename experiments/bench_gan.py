@@ -7,10 +7,15 @@ a markdown table to stdout, JSON to --out and seed 0's picture per cell under --
   python experiments/bench_gan.py --datasets=grid25 --remedies=pac+r1,r1 --seeds=3
   python experiments/bench_gan.py --quick              # 2 seeds, a quarter of the steps
   python experiments/bench_gan.py --datasets=digits --seeds=3
+
+--keep_existing keeps the cells already in --out (same data set, method, steps and seeds) and
+runs only the others, so a remedy can be added to a committed table without rerunning it; the
+JSON's "command" is the invocation without that flag, which rewrites the whole file from scratch.
 """
 
 import json
 import os
+import sys
 
 from absl import flags
 
@@ -33,6 +38,12 @@ flags.DEFINE_integer("steps", 0, "Steps per run; 0 takes the per-data-set preset
 flags.DEFINE_bool("quick", False, "2 seeds and a quarter of the steps.")
 flags.DEFINE_string("out", "results/bench_gan.json", "JSON output path.")
 flags.DEFINE_string("plot_dir", "results/bench_gan", "Folder for the PNGs; '' for none.")
+flags.DEFINE_bool(
+    "keep_existing",
+    False,
+    "Keep the cells already in --out with the same data set, method, steps and seeds; run only "
+    "the missing ones.",
+)
 cli.define_device_flags(default_devices=1)
 
 
@@ -54,6 +65,7 @@ def main(argv):
 
             digits(0)
     seeds = list(range(2 if FLAGS.quick else FLAGS.seeds))
+    kept = existing_rows() if FLAGS.keep_existing else {}
     rows = []
     for dataset in FLAGS.datasets:
         for remedy in ["none", *FLAGS.remedies]:
@@ -66,7 +78,10 @@ def main(argv):
                 unroll_steps=FLAGS.unroll_steps,
                 steps=FLAGS.steps or None,
             )
-            row = benchmark.run_cell(cfg, benchmark.method_name(cfg), seeds, FLAGS.plot_dir)
+            method = benchmark.method_name(cfg)
+            row = kept.get((dataset, method, cfg.steps, len(seeds)))
+            if row is None:
+                row = benchmark.run_cell(cfg, method, seeds, FLAGS.plot_dir)
             rows.append(row)
             print(benchmark.markdown_table([row]).splitlines()[-1], flush=True)
             write_json(rows, benchmark)  # after every cell: a long run stopped early keeps its rows
@@ -74,11 +89,26 @@ def main(argv):
     print(f"wrote {FLAGS.out}")
 
 
+def existing_rows() -> dict:
+    """The rows of the --out JSON by (dataset, method, steps, seeds); none when it is absent."""
+    if not os.path.exists(FLAGS.out):
+        return {}
+    with open(FLAGS.out, encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    return {(r["dataset"], r["method"], r["steps"], r["seeds"]): r for r in rows}
+
+
 def write_json(rows, benchmark):
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     table = benchmark.markdown_table(rows)
+    args = [a for a in sys.argv[1:] if a not in ("--keep_existing", "--keep_existing=true")]
+    command = " ".join(["python experiments/bench_gan.py", *args])
     with open(FLAGS.out, "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "table": table, "published": benchmark.__doc__}, f, indent=1)
+        json.dump(
+            {"command": command, "rows": rows, "table": table, "published": benchmark.__doc__},
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

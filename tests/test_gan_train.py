@@ -5,12 +5,16 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from jax import lax
 
-from jaxsync import ConfigError
+from jaxsync import ConfigError, sync
 from jaxsync.agents.gan import benchmark
 from jaxsync.agents.gan.train import GANConfig, chunk_boundaries, train_gan
+from jaxsync.parallel.common import apply_optimizer
+from jaxsync.replicas import ReplicaDivergence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(steps=20, batch_size=32, width=16, log_every=10, eval_samples=200, quiet=True)
@@ -29,12 +33,14 @@ def test_ring8_run_writes_metrics_summary_and_pictures(tmp_path):
         plot_every=10,
         plot_dir=str(tmp_path / "png"),
         metrics_file=str(tmp_path / "m.jsonl"),
+        check_replicas=10,
         **TINY,
     )
     summary = train_gan(cfg)
     lines = _read(tmp_path / "m.jsonl")
     assert [r["step"] for r in lines[:-1]] == [10, 20]
     assert lines[-1]["summary"] and lines[-1]["num_devices"] == 2
+    assert summary["replica_checks"] == 2  # at step 10 and at the end; both passed
     for k in ("modes", "hq_percent", "reverse_kl", "d_loss", "g_loss", "counts"):
         assert k in lines[-2]
     assert summary["modes"] == lines[-2]["modes"] and 0 <= summary["modes"] <= 8
@@ -70,6 +76,7 @@ def test_digits_run_reports_classifier_scores(tmp_path):
         (dict(remedy="unroll", unroll_steps=0), "unroll_steps"),
         (dict(batch_size=30, num_devices=4), "divisible"),
         (dict(strategy="allgather"), "unknown strategy"),
+        (dict(check_replicas=-1), "check_replicas"),
     ],
 )
 def test_bad_config_is_a_config_error(bad, match):
@@ -100,9 +107,31 @@ def test_experiment_rejects_bad_flag_in_one_line(tmp_path):
     assert metrics.read_text() == "earlier run\n"  # nothing already written is lost
 
 
+def make_skewed(tx, axis_name, **_):
+    """A broken backend: every device applies the mean gradient, device 1 a hair more of it."""
+
+    def update(grads, opt_state, params):
+        mean = lax.pmean(grads, axis_name)
+        skew = 1.0 + 1e-3 * (lax.axis_index(axis_name) == 1)
+        return apply_optimizer(tx, jax.tree.map(lambda g: g * skew, mean), opt_state, params)
+
+    return sync.SyncBackend("skewed", tx.init, update)
+
+
+def test_replica_check_stops_a_run_whose_devices_diverge(monkeypatch):
+    monkeypatch.setitem(sync.BACKENDS, "skewed", make_skewed)
+    cfg = GANConfig(
+        strategy="skewed", num_devices=2, check_replicas=2, plot_dir="", **{**TINY, "steps": 2}
+    )
+    with pytest.raises(ReplicaDivergence, match="device 1 differs from device 0"):
+        train_gan(cfg)
+
+
 def test_chunk_boundaries_hit_every_log_and_plot_step():
     cfg = GANConfig(steps=25, log_every=10, plot_every=4)
     assert chunk_boundaries(cfg) == [4, 8, 10, 12, 16, 20, 24, 25]
+    with_checks = GANConfig(steps=25, log_every=10, check_replicas=7)
+    assert chunk_boundaries(with_checks) == [7, 10, 14, 20, 21, 25]
 
 
 def test_mean_and_standard_error():
@@ -124,6 +153,34 @@ def test_markdown_table_puts_published_numbers_beside_ours():
     }
     line = benchmark.markdown_table([row]).splitlines()[-1]
     assert "7.5 ± 0.5" in line and "GAN: 6.3 ± 0.5 / 98.2 ± 0.2" in line
+
+
+def test_a_collapsed_seed_counts_and_its_infinite_kl_is_reported():
+    # Seed 3 collapsed: no high-quality sample, reverse KL infinite (mode_metrics' convention).
+    kls = [0.30, 0.01, 0.00, float("inf"), 0.70]
+    per_seed = [
+        {"modes": m, "hq_percent": hq, "reverse_kl": kl}
+        for m, hq, kl in zip([7, 8, 8, 0, 8], [89.0, 97.0, 98.0, 0.0, 92.0], kls, strict=True)
+    ]
+    row = {"dataset": "ring8", "method": "GAN", "steps": 10, "seeds": 5, "per_seed": per_seed}
+    row.update({k: (0.0, 0.0) for k in benchmark.TOY_KEYS})  # stale stored means: not used
+    cells = benchmark.markdown_table([row]).splitlines()[-1].split(" | ")
+    finite = np.array([0.30, 0.01, 0.00, 0.70])
+    assert cells[4] == f"6.2 ± {np.std([7, 8, 8, 0, 8], ddof=1) / np.sqrt(5):.1f}"  # 0 counts
+    assert cells[5].startswith("75.2 ± ")
+    assert cells[6] == f"{finite.mean():.2f} ± {finite.std(ddof=1) / 2:.2f} (4/5 finite)"
+    agg = benchmark.aggregate([float("inf")] * 2)
+    assert (agg["finite"], agg["seeds"]) == (0, 2)
+    assert benchmark._format_aggregate(agg, 2) == "inf (0/2 finite)"
+
+
+def test_published_row_is_that_of_the_same_method():
+    assert benchmark.published_cell("ring8", "PacGAN2") == (
+        "PacGAN2: 7.9 ± 0.1 / 95.6 ± 2.0 / 0.07 ± 0.03 (rKL unverified)"
+    )
+    for ours in ("PacGAN2+R1", "GAN+R1", "GAN+unrolled5"):  # not in PacGAN's table
+        assert benchmark.published_cell("ring8", ours) == "—"
+    assert benchmark.published_cell("grid25", "GAN").endswith("0.70 ± 0.07 (unverified)")
 
 
 def test_method_names_follow_the_remedies():
