@@ -31,6 +31,7 @@ classes covered, mean classifier confidence and the class-histogram KL (digits).
 from absl import flags
 
 from jaxsync import cli
+from jaxsync.sync import backend_names
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "ring8", "Real data: ring8 | grid25 | digits (needs scikit-learn).")
@@ -44,7 +45,8 @@ flags.DEFINE_integer("latent_dim", 0, "Latent z dimension; 0 picks 2 for the toy
 flags.DEFINE_string(
     "strategy",
     "psum",
-    "Gradient sync for both nets: single (one device) or a sync backend: psum | ring | ps.",
+    f"Gradient sync for both nets: single (one device) or a sync backend: "
+    f"{' | '.join(backend_names())} (jaxsync.sync.BACKENDS).",
 )
 flags.DEFINE_integer("steps", 3000, "Training steps, each one D update then one G update (>= 1).")
 flags.DEFINE_integer(
