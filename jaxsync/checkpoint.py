@@ -1,6 +1,6 @@
 """Checkpoints with Orbax: atomic writes, the last K kept, restored with the template's shardings.
 
-A checkpoint is one folder ``<directory>/<step>`` holding two Orbax items: ``state`` (any pytree of
+A checkpoint is one Orbax step ``<directory>/<step>`` holding two items: ``state`` (any pytree of
 arrays: parameters, optimizer state, typed PRNG keys, ...) and ``meta`` (a JSON object: the config,
 the data position, the last logged metrics). Any experiment adopts it in a few lines::
 
@@ -10,11 +10,14 @@ the data position, the last logged metrics). Any experiment adopts it in a few l
     ...
     ckpt.save(step, tree, meta={"config": dataclasses.asdict(cfg)})
 
-Why it is safe to kill at any moment: Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and
-renames the folder to ``<step>`` only after every file is written and ``commit_success.txt`` is
-there (``AtomicRenameTemporaryPath``; a rename is atomic on a POSIX file system). A crash mid-write
-leaves only the tmp folder, which :func:`scan` ignores; Orbax replaces it when the same step is
-saved again. Nothing else in the folder is ever deleted except checkpoints beyond the last K.
+Everything goes through ``orbax.checkpoint.CheckpointManager``'s public methods (``all_steps``,
+``save``, ``restore``, ``item_metadata``); this module never reads Orbax's files itself.
+
+Why it is safe to kill at any moment: Orbax writes a step into a temporary folder and renames it
+to ``<step>`` only once every file is written (``orbax.checkpoint.path.atomicity``; a rename is
+atomic on a POSIX file system). A crash mid-write leaves only the temporary folder, which
+``CheckpointManager.all_steps`` never lists; Orbax replaces it when the same step is saved again.
+Nothing else in the folder is ever deleted except checkpoints beyond the last K.
 
 Writes are synchronous on purpose: the training steps donate their state, and an asynchronous save
 could still be reading host copies that alias donated CPU buffers. Saving the tiny states of this
@@ -33,40 +36,101 @@ import jax
 from jaxsync import ConfigError
 
 FORMAT = "jaxsync-checkpoint/1"
-TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step folder still being written
-_REQUIRED = ("_CHECKPOINT_METADATA", "state", "meta")
+ITEMS = ("state", "meta")
 
 
-def scan(directory: str) -> list[int]:
-    """Sorted steps of the finished checkpoints in ``directory`` ([] when it does not exist).
+def _manager(directory: str, keep: int = 1, read_only: bool = False):
+    """A CheckpointManager for jaxsync's two items; it creates nothing until its first save."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=False, create=False, read_only=read_only
+    )
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def is_unfinished(path: str) -> bool:
+    """True for a step folder whose Orbax write never finished (a crash mid-save)."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    return os.path.isdir(path) and ocp.path.step.is_path_temporary(epath.Path(path))
+
+
+def _checked_steps(directory: str, manager) -> list[int]:
+    """``manager``'s finished steps, after checking the folder holds nothing else.
 
     Raises:
-      ConfigError: ``directory`` is a file, or holds anything that is neither a finished checkpoint
-        nor an unfinished Orbax write (a foreign file, or a step folder missing its parts).
+      ConfigError: ``directory`` is a file, or holds anything that is neither a checkpoint Orbax
+        lists nor an unfinished Orbax write, or a listed step lacks one of the two items.
     """
     if not os.path.exists(directory):
         return []
     if not os.path.isdir(directory):
         raise ConfigError(f"checkpoint folder {directory} is a file, not a folder")
-    steps = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if TMP_MARK in name:
-            continue  # a write interrupted by a crash: never finalized, never loaded
-        if name.isdigit() and os.path.isdir(path):
-            missing = [p for p in _REQUIRED if not os.path.exists(os.path.join(path, p))]
-            if not missing:
-                steps.append(int(name))
-                continue
+    steps = _steps(manager)
+    foreign = _foreign_entry(directory, steps)
+    if foreign is not None:  # a write may have finished between the two listings: look again
+        steps = _steps(manager)
+        foreign = _foreign_entry(directory, steps)
+    if foreign is not None:
+        raise ConfigError(
+            f"{foreign} is not a jaxsync checkpoint; the folder {directory} must hold "
+            "only checkpoints: move that file out and run again"
+        )
+    for step in steps:
+        try:
+            have = set(manager.item_metadata(step).keys())
+        except Exception:  # noqa: BLE001 — unreadable: restoring this step names the problem
+            continue
+        missing = [item for item in ITEMS if item not in have]
+        if missing:
+            path = os.path.join(directory, str(step))
             raise ConfigError(
                 f"checkpoint {path} is corrupt or foreign (no {missing[0]}); "
                 "move it out of the folder to resume from an earlier one"
             )
-        raise ConfigError(
-            f"{path} is not a jaxsync checkpoint; the folder {directory} must hold "
-            "only checkpoints: move that file out and run again"
-        )
-    return sorted(steps)
+    return steps
+
+
+def _steps(manager) -> list[int]:
+    manager.reload()  # another process (or a crash) may have changed the folder
+    return sorted(int(s) for s in manager.all_steps())
+
+
+def _foreign_entry(directory: str, steps) -> str | None:
+    """The first entry that is neither a listed step nor an unfinished write (None: all fine)."""
+    import orbax.checkpoint as ocp
+
+    # Orbax's own root-level metadata folder, written only when asked for; allowed all the same.
+    allowed = {str(s) for s in steps} | {ocp.checkpoint_manager.METADATA_ITEM_NAME}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name in allowed or not os.path.lexists(path) or is_unfinished(path):
+            continue
+        return path
+    return None
+
+
+def scan(directory: str) -> list[int]:
+    """Sorted steps of the finished checkpoints in ``directory`` ([] when it does not exist).
+
+    Opens a read-only ``CheckpointManager``, so it is safe to call while another process writes.
+
+    Raises:
+      ConfigError: ``directory`` is a file, or holds anything that is neither a finished checkpoint
+        nor an unfinished Orbax write (a foreign file, or a step folder missing its parts).
+    """
+    manager = _manager(os.path.abspath(directory), read_only=True)
+    try:
+        return _checked_steps(os.path.abspath(directory), manager)
+    finally:
+        manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _flat_layout(tree) -> dict:
@@ -113,29 +177,19 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.keep = keep
         self._manager = None
-        scan(self.directory)  # fail now, before any training, on a foreign or corrupt folder
+        self.all_steps()  # fail now, before any training, on a foreign or corrupt folder
 
     def all_steps(self) -> list[int]:
-        return scan(self.directory)
+        """Sorted steps of the finished checkpoints; see :func:`scan` for the errors."""
+        return _checked_steps(self.directory, self._mgr())
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
     def _mgr(self):
-        import orbax.checkpoint as ocp
-
         if self._manager is None:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.keep, enable_async_checkpointing=False, create=True
-            )
-            handlers = {
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            }
-            self._manager = ocp.CheckpointManager(
-                self.directory, options=options, item_handlers=handlers
-            )
+            self._manager = _manager(self.directory, self.keep)
         return self._manager
 
     def save(self, step: int, tree: Any, meta: dict | None = None) -> None:
@@ -147,17 +201,19 @@ class Checkpointer:
 
         meta = {"format": FORMAT, "step": int(step), **(meta or {})}
         json.dumps(meta)  # fail before writing anything if meta is not JSON
+        os.makedirs(self.directory, exist_ok=True)  # every process: a shared folder races
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
         self._mgr().save(int(step), args=args, force=True)
         self._mgr().wait_until_finished()
 
     def read_meta(self, step: int) -> dict:
         """The JSON object saved with ``step``; ConfigError when it is not a jaxsync checkpoint."""
-        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        import orbax.checkpoint as ocp
+
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
         try:
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
+            meta = self._mgr().restore(int(step), args=args).meta
+        except Exception as e:  # noqa: BLE001 — missing item, bad JSON, unreadable file
             raise ConfigError(
                 f"checkpoint {self._path(step)} is corrupt: cannot read its metadata "
                 f"({type(e).__name__})"
@@ -206,8 +262,9 @@ class Checkpointer:
         try:
             yield
         except Exception as e:  # Orbax/TensorStore raise many types; all mean "cannot load this"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"checkpoint {self._path(step)} is corrupt: {first}") from None
+            raise ConfigError(
+                f"checkpoint {self._path(step)} is corrupt: {_first_line(e)}"
+            ) from None
 
     def _path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))

@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from jaxsync.checkpoint import Checkpointer, scan
 
@@ -31,10 +32,17 @@ def launch(script: str, flags, workdir: str, **env) -> subprocess.Popen:
 
 
 def kill_after_first_checkpoint(proc: subprocess.Popen, workdir: str) -> int:
-    """SIGKILL ``proc`` once a checkpoint is finalised; return the step it will resume from."""
+    """SIGKILL ``proc`` once a checkpoint is finalised; return the step it will resume from.
+
+    Polls Orbax's own list of finished steps (a read-only ``CheckpointManager``, reloaded), which
+    never shows a write still in progress.
+    """
     ckpts = os.path.join(workdir, "checkpoints")
-    while proc.poll() is None and not scan(ckpts):
-        time.sleep(0.005)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(ckpts, options=options) as finished:
+        while proc.poll() is None and not finished.all_steps():
+            time.sleep(0.005)
+            finished.reload()
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     return scan(ckpts)[-1]

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxsync import ConfigError, data, losses, models, optim
-from jaxsync.checkpoint import Checkpointer, scan
+from jaxsync.checkpoint import Checkpointer, is_unfinished, scan
 from jaxsync.parallel.data_parallel import make_data_parallel
 from jaxsync.runs import NonFiniteError
 from jaxsync.train import TrainConfig, train_and_evaluate
@@ -33,18 +34,26 @@ def _keys_equal(a, b):
     return np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
 
 
-def test_keep_last_k_and_nothing_else_deleted(tmp_path):
+def test_keep_last_k_and_nothing_else_deleted(tmp_path, monkeypatch):
     d = tmp_path / "ck"
     ck = Checkpointer(str(d), keep=2)
     assert ck.latest_step() is None and not d.exists()  # nothing created before the first save
     for step in (1, 2, 3):
         ck.save(step, _tree(float(step)), {"note": f"s{step}"})
-    (d / "5.orbax-checkpoint-tmp-123").mkdir()  # an interrupted write: ignored, kept
-    assert ck.all_steps() == [2, 3]
+
+    async def fail(self):  # every file of step 5 is written; Orbax's final rename fails
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", fail)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save(5, _tree(5.0))
+    monkeypatch.undo()
+    (unfinished,) = [p for p in d.iterdir() if is_unfinished(str(p))]  # ignored, kept
+    assert ck.all_steps() == [2, 3] and Checkpointer(str(d)).all_steps() == [2, 3]
     tree, meta = ck.restore(template=_tree())
     assert _equal(tree["w"], _tree(3.0)["w"]) and meta["note"] == "s3" and meta["step"] == 3
     assert _keys_equal(tree["n"]["k"], jax.random.key(7))  # typed PRNG keys round-trip
-    assert (d / "5.orbax-checkpoint-tmp-123").exists()
+    assert unfinished.exists()
     ck.close()
 
 
@@ -62,14 +71,13 @@ def test_foreign_and_corrupt_files_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="9 is corrupt or foreign"):
         scan(str(d))
     (d / "9").rmdir()
-    (d / "2" / "meta" / "metadata").write_text("{not json")
-    with pytest.raises(ConfigError, match="2 is corrupt: cannot read its metadata"):
-        Checkpointer(str(d)).restore(template=_tree())
-    for f in (d / "1" / "state").rglob("*"):  # garble every data and metadata file of step 1
-        if f.is_file():
-            f.write_bytes(b"\0garbage")
-    with pytest.raises(ConfigError, match="1 is corrupt"):
-        Checkpointer(str(d)).restore(1, template=_tree())
+    for step in (1, 2):  # garble every file of both checkpoints, data and metadata alike
+        for f in (d / str(step)).rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"\0garbage")
+    for step in (2, 1):
+        with pytest.raises(ConfigError, match=f"{step} is corrupt"):
+            Checkpointer(str(d)).restore(step, template=_tree())
     file = tmp_path / "plain"
     file.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):

@@ -10,7 +10,7 @@ import textwrap
 import killresume as kr
 import numpy as np
 
-from jaxsync.checkpoint import TMP_MARK, Checkpointer
+from jaxsync.checkpoint import Checkpointer, is_unfinished
 
 ROOT = kr.ROOT
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
@@ -51,14 +51,14 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
 CRASH_IN_WRITE = textwrap.dedent("""
     import os, signal, sys
     import jax.numpy as jnp
-    from orbax.checkpoint._src.path import atomicity
+    import orbax.checkpoint as ocp
     from jaxsync.checkpoint import Checkpointer
 
     ck = Checkpointer(sys.argv[1])
     ck.save(1, {"w": jnp.ones(4)})
     async def die(self):  # every file of step 2 is written; the rename never happens
         os.kill(os.getpid(), signal.SIGKILL)
-    atomicity.AtomicRenameTemporaryPath.finalize = die
+    ocp.path.atomicity.AtomicRenameTemporaryPath.finalize = die
     ck.save(2, {"w": jnp.full(4, 2.0)})
 """)
 
@@ -74,14 +74,15 @@ def test_kill_inside_a_checkpoint_write_keeps_the_last_good_one(tmp_path):
         timeout=300,
     )
     assert out.returncode == -signal.SIGKILL, out.stderr
-    leftovers = [n for n in os.listdir(d) if TMP_MARK in n]
-    assert leftovers and leftovers[0].startswith("2")  # the unfinished write, never loaded
+    unfinished = lambda: [n for n in os.listdir(d) if is_unfinished(os.path.join(d, n))]
+    (leftover,) = unfinished()
+    assert leftover.startswith("2")  # the unfinished write, never loaded
     with Checkpointer(str(d)) as ck:
         assert ck.all_steps() == [1]
         tree, meta = ck.restore(template={"w": np.zeros(4, np.float32)})
         assert meta["step"] == 1 and np.array_equal(tree["w"], np.ones(4))
         ck.save(2, {"w": np.full(4, 2.0, np.float32)})  # the same step again replaces it
-        assert ck.all_steps() == [1, 2] and not [n for n in os.listdir(d) if TMP_MARK in n]
+        assert ck.all_steps() == [1, 2] and not unfinished()
 
 
 def test_cli_foreign_file_is_one_line_and_nothing_is_deleted(tmp_path):
