@@ -118,18 +118,38 @@ def test_local_sgd_h1_with_sgd_equals_synchronous_sgd():
     np.testing.assert_allclose(seen, ref_seen, rtol=1e-5)
 
 
-def test_local_sgd_averages_every_h_steps():
+@functools.cache
+def single_sgd():
+    return make_single(LOSS, TXS["sgd"](), INIT)
+
+
+def test_local_sgd_equals_the_mean_of_independently_trained_replicas():
+    """H = 2, N = 2: each replica trains alone on its own half of every batch (the single-device
+    reference) and every H steps both restart from the mean of the two; a sum or a broadcast of
+    one replica in place of the mean gives other parameters."""
+    n, h, b = 2, 2, 16
     strategy = make_data_parallel(
-        LOSS, TXS["sgd"](), INIT, backend="ring", num_devices=2, local_steps=2
+        LOSS, TXS["sgd"](), INIT, backend="ring", num_devices=n, local_steps=h
     )
     state = strategy.init(jax.random.key(0), DS.x_train[:1])
-    spread = []
-    for step in range(4):
-        state, _ = strategy.step(state, strategy.put_batch(DS.batch(step, 16, 0)))
-        rows = np.asarray(jax.tree.leaves(state.params)[0])  # leading axis: one row per device
-        spread.append(float(np.abs(rows[0] - rows[1]).max()))
-    assert spread[0] > 0 and spread[2] > 0  # own data between averages
-    assert spread[1] == 0 and spread[3] == 0  # averaged at steps 2 and 4
+    single = single_sgd()
+    replicas = [single.init(jax.random.key(0), DS.x_train[:1]) for _ in range(n)]
+    for step in range(2 * h):
+        x, y = DS.batch(step, b, 0)
+        state, _ = strategy.step(state, strategy.put_batch((x, y)))
+        shard = b // n  # device i gets rows [i·b/N, (i+1)·b/N) of the global batch
+        replicas = [
+            single.step(r, (x[i * shard : (i + 1) * shard], y[i * shard : (i + 1) * shard]))[0]
+            for i, r in enumerate(replicas)
+        ]
+        if (step + 1) % h == 0:
+            params = [jax.device_get(r.params) for r in replicas]
+            mean = jax.tree.map(lambda *p: np.mean(np.stack(p), axis=0), *params)
+            replicas = [r._replace(params=jax.tree.map(jnp.asarray, mean)) for r in replicas]
+        rows = jax.device_get(state.params)  # leading axis: one row per device
+        for i, r in enumerate(replicas):
+            assert_close(jax.tree.map(lambda a, i=i: a[i], rows), jax.device_get(r.params), 1e-6)
+    assert_close(jax.device_get(strategy.params(state)), jax.device_get(replicas[0].params), 1e-6)
 
 
 # ------------------------------------------------------------------------ gradient accumulation

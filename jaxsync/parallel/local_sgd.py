@@ -1,4 +1,4 @@
-"""Local SGD / periodic parameter averaging, optax-style (seed §2.3.1).
+"""Local SGD / periodic parameter averaging, optax-style.
 
 Every device runs its own optimizer on its own shard of each global batch and the parameters
 (optionally the optimizer state) are averaged across devices every H steps:
