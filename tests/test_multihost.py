@@ -16,13 +16,15 @@ import time
 
 import pytest
 
+from jaxsync import sync
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "experiments" / "train.py")
 # A hang fails a test here, long before CI's limit. Generous: on a loaded 2-core machine one
 # 2-process job (JAX start-up and compilation in each process) took over a minute.
 JOB_TIMEOUT_S = 240
 HEARTBEAT_S = 15
-STRATEGIES = ("psum", "ring", "ps")
+STRATEGIES = sync.backend_names()  # every gradient-sync backend: psum, ring, ps
 # Tiny run, with the NaN guard on (its counters live in the ps backend's per-device state).
 RUN = dict(
     num_devices=4,
@@ -220,7 +222,13 @@ def test_unreachable_coordinator_is_one_line():
 
 def test_distributed_config_errors():
     from jaxsync import ConfigError
-    from jaxsync.distributed import DistributedConfig, initialize, parse_address
+    from jaxsync.distributed import (
+        CLUSTER_VARIABLES,
+        DistributedConfig,
+        detect_cluster,
+        initialize,
+        parse_address,
+    )
 
     assert parse_address("[::1]:1234") == ("::1", 1234)
     for bad in (
@@ -235,6 +243,12 @@ def test_distributed_config_errors():
         initialize(DistributedConfig(mode="on"))
     # Nothing set and no cluster: one process, and JAX's distributed runtime untouched.
     assert not initialize(DistributedConfig())
+    # The launcher variables of jax 0.10's detectors (jax.distributed.initialize's docs): a SLURM
+    # allocation without an srun step is not a job; mpirun's URI is.
+    slurm = {k: "0" for k in CLUSTER_VARIABLES["slurm"]}
+    assert detect_cluster(slurm) == "slurm" and detect_cluster({}) is None
+    assert detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}) is None
+    assert detect_cluster({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:5"}) == "ompi"
     assert not initialize(DistributedConfig(mode="off", num_processes=2, process_id=1))
 
 
