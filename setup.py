@@ -10,14 +10,20 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["jaxsync", "jaxsync.*"]),
     python_requires=">=3.10",
+    # Lower bounds: the versions the test suite ran with. Upper bounds where the code follows one
+    # release's behaviour: jaxsync.distributed.CLUSTER_VARIABLES mirrors jax 0.10's cluster
+    # detectors, and the shard_map(check_vma=False) gradient rule and the RL vmap-inside-shard_map
+    # workaround were measured on jax 0.10.2; jaxsync.checkpoint's layout check reads the tree
+    # Orbax 0.12's item_metadata returns (NamedTuples as dicts, tuples as lists), and
+    # tests/test_checkpoint_kill.py stops a write in orbax.checkpoint.path.atomicity.
     install_requires=[
-        "jax>=0.10",
-        "flax>=0.12",
-        "optax>=0.2.5",
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
         "numpy>=1.26",
         "absl-py>=2.1",
         # Checkpoints (jaxsync.checkpoint); flax depends on it too, named here because we import it.
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.12.8,<0.13",
     ],
     extras_require={
         # Bundled 8x8 handwritten digits (sklearn.datasets.load_digits, no download).
