@@ -27,9 +27,14 @@ histogram; with ``--staleness=0`` the checksum equals ``experiments/train.py --s
 from absl import flags
 
 from jaxsync import cli
+from jaxsync.async_ps.lock import LOCK_POLICIES
+from jaxsync.async_ps.staleness import STALENESS_MODELS
+from jaxsync.async_ps.train import MODES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("mode", "emulated", "emulated (jit staleness replay) | threads (real workers).")
+flags.DEFINE_string(
+    "mode", "emulated", f"{' | '.join(MODES)}: jit staleness replay, or real worker threads."
+)
 flags.DEFINE_integer("num_workers", 4, "Workers (>= 1); threads mode needs one device each.")
 flags.DEFINE_integer(
     "staleness",
@@ -40,13 +45,15 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "staleness_model",
     "fixed",
-    "Emulated staleness: fixed | uniform | round_robin (τ ≈ num_workers - 1) | stragglers "
-    "(slow workers) | transient (any gradient slow with probability --straggler_fraction).",
+    f"Emulated staleness: {' | '.join(STALENESS_MODELS)}. round_robin: τ ≈ num_workers - 1; "
+    "stragglers: slow workers; transient: any gradient slow with probability "
+    "--straggler_fraction.",
 )
 flags.DEFINE_string(
     "lock",
     "fifo",
-    "Lock policy of the server update (threads): fifo | none (lock-free, Hogwild-style).",
+    f"Lock policy of the server update (threads): {' | '.join(LOCK_POLICIES)} (none: "
+    "lock-free, Hogwild-style).",
 )
 flags.DEFINE_bool(
     "staleness_aware_lr",
