@@ -12,6 +12,11 @@ each direction, the *bubble*:
 
     bubble = (P − 1) / (M + P − 1).
 
+The schedule is not assumed but carried: each activation travels with the index of its microbatch
+(−1 for padding) through the same ``ppermute``, the last stage picks labels and masks the loss by
+that index, and the step reports ``idle_fraction``, the share of (stage, tick) slots that held no
+microbatch in the program that ran (a count, to compare with the formula above).
+
 Layout: the embedding and the head are replicated (every device has them, only stage 0 and stage
 P − 1 use them; their gradients are psum-ed over the stage axis, which is a copy from the one
 device that has a non-zero one); the ``num_layers`` blocks are stacked into a ``(P, L/P, ...)``
@@ -92,12 +97,17 @@ def pipeline_specs(pp) -> dict:
     }
 
 
-def make_pipeline_loss(module, task: str, microbatches: int):
+def make_pipeline_loss(module, task: str, microbatches: int, *, ticks: int | None = None):
     """Per-device GPipe forward: ``(pp_params, batch) -> (loss, metrics)``, non-zero on stage P−1.
 
     Runs inside ``shard_map`` over ``STAGE_AXIS``; ``pp_params["stages"]`` holds this device's
     blocks with a leading axis of 1. The loss is the mean over microbatches of the per-microbatch
-    mean loss, i.e. the full-batch mean.
+    mean loss, i.e. the full-batch mean. ``metrics["idle_slots"]`` (int32) counts the ticks at
+    which this stage held no microbatch.
+
+    ``ticks`` overrides the number of clock ticks (default M + P − 1, the full schedule). Fewer
+    ticks run the same per-tick compute and ``ppermute`` but drop the microbatches that have not
+    reached the last stage: a timing reference without the bubble, not a loss.
     """
     block = block_of(module)
     embed = Embed(module.vocab, module.d_model)
@@ -119,34 +129,51 @@ def make_pipeline_loss(module, task: str, microbatches: int):
         ring = [(i, (i + 1) % n) for i in range(n)]
 
         def tick(carry, t):
-            received, loss_sum, metric_sum = carry
-            h = run_stage(blocks, jnp.where(s == 0, inputs[jnp.minimum(t, m - 1)], received))
-            j = t - (n - 1)  # the microbatch the last stage finishes at tick t
-            loss, metrics = head_loss(pp["head"], (h, ys[jnp.clip(j, 0, m - 1)]))
-            done = (s == n - 1) & (j >= 0)
+            (received, received_mb), loss_sum, metric_sum, idle = carry
+            # The microbatch this stage holds: stage 0 feeds microbatch t while t < M, every
+            # other stage whatever its predecessor sent (-1: padding).
+            mb = jnp.where(s == 0, jnp.where(t < m, t, -1), received_mb)
+            first = inputs[jnp.clip(mb, 0, m - 1)]
+            h = run_stage(blocks, jnp.where(s == 0, first, received))
+            loss, metrics = head_loss(pp["head"], (h, ys[jnp.clip(mb, 0, m - 1)]))
+            done = (s == n - 1) & (mb >= 0)
             loss_sum = loss_sum + jnp.where(done, loss, 0.0)
             metric_sum = jax.tree.map(lambda a, b: a + jnp.where(done, b, 0.0), metric_sum, metrics)
-            return (lax.ppermute(h, STAGE_AXIS, ring), loss_sum, metric_sum), None
+            idle = idle + (mb < 0).astype(jnp.int32)
+            sent = lax.ppermute((h, mb), STAGE_AXIS, ring)
+            return (sent, loss_sum, metric_sum, idle), None
 
         metrics0 = jax.tree.map(
             jnp.zeros_like, jax.eval_shape(head_loss, pp["head"], (inputs[0], ys[0]))[1]
         )
-        carry = (jnp.zeros_like(inputs[0]), jnp.zeros(()), metrics0)
-        (_, loss_sum, metric_sum), _ = lax.scan(tick, carry, jnp.arange(m + n - 1))
-        return loss_sum / m, jax.tree.map(lambda a: a / m, metric_sum)
+        nothing = (jnp.zeros_like(inputs[0]), jnp.int32(-1))
+        carry = (nothing, jnp.zeros(()), metrics0, jnp.int32(0))
+        n_ticks = m + n - 1 if ticks is None else ticks
+        (_, loss_sum, metric_sum, idle), _ = lax.scan(tick, carry, jnp.arange(n_ticks))
+        metrics = jax.tree.map(lambda a: a / m, metric_sum)
+        return loss_sum / m, {**metrics, "idle_slots": idle}
 
     return device_loss
 
 
-def make_pipeline_value_and_grad(module, task: str, microbatches: int):
+def make_pipeline_value_and_grad(module, task: str, microbatches: int, *, ticks: int | None = None):
     """Per-device ``(pp_params, batch) -> ((loss, metrics), grads)``, all replicated where they
     should be: loss, metrics and embedding/head grads psum-ed over the stages. P is the size of
-    ``STAGE_AXIS`` in the enclosing ``shard_map``."""
-    device_loss = make_pipeline_loss(module, task, microbatches)
+    ``STAGE_AXIS`` in the enclosing ``shard_map``.
+
+    ``metrics["idle_fraction"]``: idle (stage, tick) slots of the forward schedule that ran over
+    all P·ticks slots; GPipe's bubble (P − 1)/(M + P − 1) when the schedule is right. ``ticks``:
+    see :func:`make_pipeline_loss`.
+    """
+    device_loss = make_pipeline_loss(module, task, microbatches, ticks=ticks)
 
     def value_and_grad(pp, batch):
         (loss, metrics), grads = jax.value_and_grad(device_loss, has_aux=True)(pp, batch)
         loss, metrics = lax.psum((loss, metrics), STAGE_AXIS)
+        n = lax.axis_size(STAGE_AXIS)
+        slots = n * (microbatches + n - 1 if ticks is None else ticks)
+        idle = metrics.pop("idle_slots")
+        metrics["idle_fraction"] = idle.astype(jnp.float32) / slots
         grads = {
             **grads,
             "embed": lax.psum(grads["embed"], STAGE_AXIS),

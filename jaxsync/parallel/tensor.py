@@ -15,8 +15,8 @@ replicated parameters (LayerNorms, embeddings, the head) get the full gradient, 
 every device, with no extra reduction. A bare ``psum`` would not do: under ``check_vma=False``
 its transpose is again a ``psum`` of the (already replicated) cotangent, which multiplies the
 gradient by P (measured: 4x on 4 devices), and under ``check_vma=True`` JAX sums gradients of
-replicated parameters itself (the DESIGN.md trap). The all-reduce is ``lax.psum`` or the
-project's ring (:func:`jaxsync.collectives.ring_all_reduce`).
+replicated parameters itself (the shard_map trap described in ``docs/design.md``). The
+all-reduce is ``lax.psum`` or the project's ring (:func:`jaxsync.collectives.ring_all_reduce`).
 
 On a 2-D ``(data, model)`` mesh the same per-device step adds one line: the gradient is averaged
 over the data axis only, by a :mod:`jaxsync.sync` backend (``psum`` | ``ring``); the tensor-parallel
@@ -39,9 +39,17 @@ from jaxsync.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, put_global_batch
 from jaxsync.models.transformer import TensorSplit
 from jaxsync.parallel.common import Strategy, TrainState, init_state
 from jaxsync.parallel.data_parallel import make_device_step
-from jaxsync.sync import make_backend
+from jaxsync.sync import backend_names, make_backend
 
-TP_COLLECTIVES = ("psum", "ring")
+# The model-axis all-reduce of each sync backend that has one inside a layer. The parameter server
+# has none: it averages on one device and broadcasts, which is no sum for Megatron's f and g.
+_ALL_REDUCES = {
+    "psum": lambda axis: lambda x: lax.psum(x, axis),
+    "ring": lambda axis: lambda x: collectives.ring_all_reduce(x, axis),
+}
+# --tp_collective choices: the registered sync backends (the data-axis sync of dp_tp uses the same
+# name) that have a tensor-parallel all-reduce.
+TP_COLLECTIVES = tuple(name for name in backend_names() if name in _ALL_REDUCES)
 
 # Parameter name -> the dimension split over the model axis; every other parameter is replicated.
 SPLIT_DIMS = {
@@ -55,13 +63,12 @@ SPLIT_DIMS = {
 
 
 def _all_reduce(axis: str, collective: str):
+    """``x -> Σ over axis`` for ``collective``; ConfigError on a name not in TP_COLLECTIVES."""
     if collective not in TP_COLLECTIVES:
         raise ConfigError(
             f"unknown tensor-parallel collective {collective!r}; choose from {list(TP_COLLECTIVES)}"
         )
-    if collective == "psum":
-        return lambda x: lax.psum(x, axis)
-    return lambda x: collectives.ring_all_reduce(x, axis)
+    return _ALL_REDUCES[collective](axis)
 
 
 def make_split(axis: str, shards: int, collective: str = "psum") -> TensorSplit:
