@@ -22,7 +22,7 @@ BAD = {
     "local_steps": (dict(local_steps=-1), "--local_steps must be >= 0"),
     "avg_state": (dict(average_opt_state=True), "--average_opt_state needs --local_steps"),
     "zero_ps": (dict(strategy="ps", shard_optimizer=True), "--shard_optimizer needs"),
-    "zero_single": (dict(strategy="single", shard_optimizer=True), "need --strategy=psum"),
+    "zero_single": (dict(strategy="single", shard_optimizer=True), "need a data-parallel --strat"),
     "zero_local": (dict(shard_optimizer=True, local_steps=4), "cannot be combined"),
     "psum_comp": (dict(strategy="psum", compression="bf16"), "--compression needs"),
     "local_comp": (dict(local_steps=2, compression="topk"), "cannot be combined"),

@@ -39,8 +39,13 @@ def run(strategy, steps=STEPS, batch=BATCH):
 
 
 @functools.cache
+def single(tx_name):
+    return make_single(LOSS, TXS[tx_name](), INIT)
+
+
+@functools.cache
 def reference(tx_name):
-    return run(make_single(LOSS, TXS[tx_name](), INIT))
+    return run(single(tx_name))
 
 
 def assert_close(tree_a, tree_b, rtol=1e-5):
@@ -118,28 +123,23 @@ def test_local_sgd_h1_with_sgd_equals_synchronous_sgd():
     np.testing.assert_allclose(seen, ref_seen, rtol=1e-5)
 
 
-@functools.cache
-def single_sgd():
-    return make_single(LOSS, TXS["sgd"](), INIT)
-
-
 def test_local_sgd_equals_the_mean_of_independently_trained_replicas():
     """H = 2, N = 2: each replica trains alone on its own half of every batch (the single-device
     reference) and every H steps both restart from the mean of the two; a sum or a broadcast of
     one replica in place of the mean gives other parameters."""
-    n, h, b = 2, 2, 16
+    n, h, b = 2, 2, 2 * BATCH  # shards of BATCH: the reference's compiled step serves them
     strategy = make_data_parallel(
         LOSS, TXS["sgd"](), INIT, backend="ring", num_devices=n, local_steps=h
     )
     state = strategy.init(jax.random.key(0), DS.x_train[:1])
-    single = single_sgd()
-    replicas = [single.init(jax.random.key(0), DS.x_train[:1]) for _ in range(n)]
+    ref = single("sgd")
+    replicas = [ref.init(jax.random.key(0), DS.x_train[:1]) for _ in range(n)]
     for step in range(2 * h):
         x, y = DS.batch(step, b, 0)
         state, _ = strategy.step(state, strategy.put_batch((x, y)))
         shard = b // n  # device i gets rows [i·b/N, (i+1)·b/N) of the global batch
         replicas = [
-            single.step(r, (x[i * shard : (i + 1) * shard], y[i * shard : (i + 1) * shard]))[0]
+            ref.step(r, (x[i * shard : (i + 1) * shard], y[i * shard : (i + 1) * shard]))[0]
             for i, r in enumerate(replicas)
         ]
         if (step + 1) % h == 0:
