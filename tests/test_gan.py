@@ -152,7 +152,7 @@ def test_data_parallel_matches_single_device(strategy, single_after_3_steps):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
     for k in ("d_loss", "g_loss", "r1"):
         assert float(m[k]) == pytest.approx(float(ref_metrics[k]), rel=1e-4, abs=1e-6)
-    assert trainer.check_replicas(state) == _replicated_leaves(state, strategy)
+    _check_replicas_then_diverge_one(trainer, state, strategy)  # shares this run's compilation
 
 
 def _replicated_leaves(state, strategy):
@@ -178,10 +178,9 @@ def _diverge_one_copy(tree, device=2):
     return jax.tree.unflatten(treedef, leaves)
 
 
-@pytest.mark.parametrize("strategy", ["psum", "ring", "ps"])
-def test_replica_check_catches_one_diverged_device(strategy):
-    trainer = gan.make_gan_trainer(_parts(), strategy, num_devices=4)
-    state = trainer.init(jax.random.key(1))
+def _check_replicas_then_diverge_one(trainer, state, strategy):
+    """The replica check passes on a real run's state and fails once one device's copy of the
+    step or of either network (or, except under ps, of an optimizer state) moves one ulp."""
     assert trainer.check_replicas(state) == _replicated_leaves(state, strategy)
     for field in ("step", "g_params", "d_params"):
         bad = state._replace(**{field: _diverge_one_copy(getattr(state, field))})
