@@ -15,7 +15,12 @@ import pytest
 
 from jaxsync import ConfigError, data, losses, models, optim
 from jaxsync.async_ps.emulate import make_emulator
-from jaxsync.async_ps.staleness import StalenessConfig, make_schedule, simulate_workers
+from jaxsync.async_ps.staleness import (
+    StalenessConfig,
+    make_schedule,
+    simulate_workers,
+    staleness_aware,
+)
 from jaxsync.async_ps.train import AsyncConfig, train_async
 from jaxsync.parallel.common import param_checksum
 from jaxsync.parallel.data_parallel import make_single
@@ -129,6 +134,22 @@ def test_staleness_aware_rate_divides_the_adam_step_by_tau(setup):
     for stale, fresh in zip(moved[tau], moved[0], strict=True):
         np.testing.assert_allclose(stale, fresh / tau, rtol=1e-5, atol=1e-6)
     assert max(np.abs(p).max() for p in moved[0]) > 0.05  # Adam moved: the check has teeth
+
+
+def test_staleness_aware_wrapper_is_adam_then_scale():
+    """staleness_aware(tx) with rate r is optax.chain(tx, optax.scale(r)), with tx's own state."""
+    params = {"w": jnp.array([0.5, -1.0, 2.0])}
+    grads = {"w": jnp.array([0.3, -0.2, 1e-3])}
+    tx = optax.adam(0.1)
+    state = tx.init(params)
+    got, got_state = staleness_aware(tx).update(grads, state, params, rate_scale=0.25)
+    want, _ = optax.chain(tx, optax.scale(0.25)).update(grads, (state, ()), params)
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))
+    plain, _ = staleness_aware(tx).update(grads, state, params)  # no rate: tx itself
+    np.testing.assert_array_equal(
+        np.asarray(plain["w"]), np.asarray(tx.update(grads, state)[0]["w"])
+    )
+    assert jax.tree.structure(got_state) == jax.tree.structure(state)
 
 
 def test_round_robin_staleness_is_n_minus_one():

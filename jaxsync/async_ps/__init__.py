@@ -1,6 +1,7 @@
 """Asynchronous SGD: staleness emulation (jit), a threaded parameter server and a lock service.
 
-- :mod:`.staleness`: seeded staleness schedules (fixed, uniform, round-robin, stragglers, SSP).
+- :mod:`.staleness`: seeded staleness schedules (fixed, uniform, round-robin, stragglers, SSP)
+  and the staleness-aware rate η/τ as an optax wrapper (``staleness_aware``).
 - :mod:`.emulate`: a jitted ``lax.scan`` replaying a schedule with a ring buffer of versions.
 - :mod:`.lock`: the lock service (request → grant by policy → use → release), ``fifo`` | ``none``.
 - :mod:`.server`: the parameter server and worker threads, one device each.
@@ -14,8 +15,10 @@ from jaxsync.async_ps.staleness import (
     STALENESS_MODELS,
     Schedule,
     StalenessConfig,
+    combine_pushes,
     make_schedule,
     simulate_workers,
+    staleness_aware,
     staleness_histogram,
     staleness_scale,
 )
@@ -32,10 +35,12 @@ __all__ = [
     "StalenessConfig",
     "ThreadsConfig",
     "UpdateRecord",
+    "combine_pushes",
     "make_emulator",
     "make_schedule",
     "run_threads",
     "simulate_workers",
+    "staleness_aware",
     "staleness_histogram",
     "staleness_scale",
 ]
