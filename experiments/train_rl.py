@@ -22,18 +22,33 @@ command again resumes from the latest checkpoint, bitwise the uninterrupted run 
 Gradient steps with NaN/Inf gradients are skipped; the run stops after ``--max_nonfinite`` in a row
 (PPO: whole updates, DQN: gradient steps) with the last checkpoint intact.
 
+At CartPole's 500-step time limit both agents bootstrap from the value of the final observation
+(``--truncation=bootstrap``); ``--truncation=terminate`` treats the limit as a termination, as
+PureJaxRL does. ``--check_replicas=K`` compares every device's copy of the parameters (and of the
+other replicated state) bit for bit every K updates and at the end.
+
 Hyperparameter flags left unset keep the agent's defaults (``PPOConfig`` / ``DQNConfig``).
 """
 
 from absl import flags
 
 from jaxsync import cli
+from jaxsync.sync import backend_names
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("agent", "ppo", "Agent: ppo | dqn.")
 flags.DEFINE_string("env", "CartPole-v1", "Environment: CartPole-v1 (built in) or a gymnax name.")
 flags.DEFINE_string(
-    "strategy", "psum", "Gradient sync: single (1 device, no sync) | psum | ring | ps."
+    "strategy",
+    "psum",
+    f"Gradient sync: single (1 device, no sync) | {' | '.join(backend_names())} "
+    "(jaxsync.sync.BACKENDS).",
+)
+flags.DEFINE_string(
+    "truncation",
+    None,
+    "At the time limit: bootstrap (target r + γ·value of the final observation; default) | "
+    "terminate (target r, PureJaxRL's behaviour).",
 )
 flags.DEFINE_integer("num_envs", None, "Environments per device (>= 1); default PPO 4, DQN 10.")
 flags.DEFINE_integer("total_steps", 500_000, "Env steps over all devices (>= one update).")
@@ -70,6 +85,7 @@ flags.DEFINE_integer(
 flags.DEFINE_bool("double_dqn", None, "DQN: Double-DQN targets; default false.")
 cli.define_device_flags(default_devices=1)
 cli.define_checkpoint_flags()
+cli.define_replica_flags()
 
 PPO_FLAGS = (
     "num_steps",
@@ -100,6 +116,7 @@ SHARED = (
     "max_grad_norm",
     "num_devices",
     "strategy",
+    "truncation",
 )
 
 
@@ -125,6 +142,7 @@ def main(argv):
         log_every=FLAGS.log_every,
         metrics_file=FLAGS.metrics_file,
         quiet=False,
+        check_replicas=FLAGS.check_replicas,
         **ckpt,
     )
     summary = runner.train_and_log(cfg)

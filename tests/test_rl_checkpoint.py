@@ -1,6 +1,7 @@
-"""RL checkpoints (issue 9): SIGKILL then resume is bitwise the uninterrupted run (PPO, 2 vmapped
-seeds), the same flags give the same run, NaN gradients are skipped then stop the run with the last
-checkpoint intact, and DQN resumes its whole state (replay buffer included) bitwise."""
+"""RL checkpoints (jaxsync/agents/rl/checkpointed.py): SIGKILL then resume is bitwise the
+uninterrupted run (PPO, 2 vmapped seeds), the same flags give the same run, NaN gradients are
+skipped then stop the run with the last checkpoint intact, and DQN resumes its whole state (replay
+buffer included) bitwise."""
 
 import dataclasses
 import os

@@ -1,6 +1,7 @@
 """DQN pieces on known numbers, a tiny end-to-end run through the runner (JSONL + summary), and the
 experiment's bad-input path."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsync.agents.rl import dqn, runner
+from jaxsync import ConfigError
+from jaxsync.agents.rl import checkpointed, dqn, envs, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +63,52 @@ def test_dqn_loss_targets(double, q_next):
     assert float(loss) == pytest.approx(0.5 * (0.5 - 1.0) ** 2)
 
 
-def test_tiny_dqn_run_writes_jsonl_and_summary(tmp_path):
+def test_step_across_the_time_limit_stores_the_final_obs_and_bootstraps_from_it():
+    # Env 0 is at time 499: its next step is cut by the time limit (the acting half of an
+    # iteration; the learner reads what it stored).
+    cfg = dqn.DQNConfig(num_envs=2, total_steps=40, buffer_size=8, batch_size=1, hidden=(8,))
+    ctx = dqn.make_context(cfg)
+
+    @jax.jit  # one compilation for the whole check
+    def run(key):
+        rs = dqn.make_chunked(cfg).init(key)
+        cart = rs.env_state.env_state._replace(time=jnp.array([499, 0]))
+        rs, _ = dqn.collect(ctx, rs._replace(env_state=rs.env_state._replace(env_state=cart)), 0)
+        buf = rs.buffer
+        before = jax.tree.map(lambda x: x[0], cart)
+        final = ctx.env.get_obs(envs.cartpole_dynamics(before, buf.action[0], ctx.env_params))
+        q = lambda p, o: ctx.net.apply({"params": p}, o)
+        row = jax.tree.map(lambda x: x[:1], buf._replace(pos=None, size=None))
+        loss, _ = dqn.dqn_loss(rs.params, rs.target_params, ctx.net.apply, row, cfg.gamma, False)
+        return rs, final, q(rs.params, buf.obs[0])[buf.action[0]], q(rs.target_params, final), loss
+
+    rs, final, q_sa, q_final, loss = jax.device_get(run(jax.random.PRNGKey(0)))
+    np.testing.assert_allclose(rs.buffer.next_obs[0], final, rtol=1e-6)  # not the reset obs
+    assert float(rs.buffer.done[0]) == 0.0 and int(rs.env_state.env_state.time[0]) == 0
+    assert not np.allclose(rs.obs[0], final)
+    # Its target, y = r + γ max_a Q_target(final obs), by hand against dqn_loss on the stored row.
+    y = 1.0 + cfg.gamma * float(np.max(q_final))
+    assert float(loss) == pytest.approx(0.5 * (float(q_sa) - y) ** 2, rel=1e-5)
+
+
+def test_truncation_modes_choose_next_obs_and_terminal():
+    info = {
+        "terminated": jnp.array([True, False, False]),
+        "truncated": jnp.array([False, True, False]),
+        "final_obs": jnp.array([[1.0], [2.0], [3.0]]),
+    }
+    obs, done = jnp.array([[7.0], [8.0], [3.0]]), jnp.array([True, True, False])
+    cfg = dqn.DQNConfig()
+    next_obs, terminal = dqn.transition_end(cfg, obs, done, info)
+    assert next_obs.ravel().tolist() == [1, 2, 3] and terminal.tolist() == [True, False, False]
+    cfg = dqn.DQNConfig(truncation="terminate")
+    next_obs, terminal = dqn.transition_end(cfg, obs, done, info)
+    assert next_obs.ravel().tolist() == [1, 2, 3] and terminal.tolist() == [True, True, False]
+    with pytest.raises(ConfigError, match="unknown --truncation"):
+        dqn.make_train(dqn.DQNConfig(truncation="cut"))
+
+
+def test_tiny_dqn_run_writes_jsonl_and_summary(tmp_path, monkeypatch):
     cfg = dqn.DQNConfig(
         num_envs=4,
         total_steps=2_000,
@@ -72,9 +119,18 @@ def test_tiny_dqn_run_writes_jsonl_and_summary(tmp_path):
         double_dqn=True,
     )
     path = tmp_path / "dqn.jsonl"
-    summary = runner.train_and_log(
-        runner.RunConfig(agent="dqn", agent_cfg=cfg, seeds=2, log_every=500, metrics_file=str(path))
+    checks = []  # the host loop checks replicas every 250 of the 500 iterations
+    real = checkpointed._Seeds.check_replicas
+    monkeypatch.setattr(
+        checkpointed._Seeds, "check_replicas", lambda self, s: checks.append(1) or real(self, s)
     )
+    run = runner.RunConfig(
+        agent="dqn", agent_cfg=cfg, seeds=2, log_every=500, metrics_file=str(path)
+    )
+    summary = runner.train_and_log(dataclasses.replace(run, check_replicas=250))
+    assert len(checks) == 2  # after iterations 250 and 500
+    with pytest.raises(ConfigError, match="cannot use --check_replicas"):
+        runner.train_and_log(dataclasses.replace(run, check_replicas=250, repeats=2))
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["env_steps"] for r in lines[:-1]] == [4, 504, 1004, 1504, 2000]
     assert lines[-1]["summary"] and lines[-1]["env_steps"] == 2000

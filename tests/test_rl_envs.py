@@ -73,10 +73,17 @@ def test_cartpole_terminates_on_angle_and_resets(env_step):
 
 def test_cartpole_truncates_after_500_steps(env_step):
     env, step = env_step
-    state = start_state((0.0, 0.0, 0.0, 0.0), time=499)
-    _, state, _, done, info = step(jax.random.PRNGKey(2), state, jnp.int32(1), env.default_params)
+    s = (0.01, 0.02, -0.03, 0.04)
+    state = start_state(s, time=499)
+    obs, state, _, done, info = step(jax.random.PRNGKey(2), state, jnp.int32(1), env.default_params)
     assert bool(done) and bool(info["truncated"]) and not bool(info["terminated"])
     assert float(info["discount"]) == 1.0 and int(state.time) == 0
+    # obs is the next episode's first; final_obs is where the truncated step really led.
+    np.testing.assert_allclose(np.asarray(info["final_obs"]), reference_step(s, 1), rtol=1e-5)
+    assert not np.allclose(np.asarray(obs), np.asarray(info["final_obs"]))
+    assert envs.final_obs(info) is info["final_obs"]
+    with pytest.raises(ConfigError, match="truncation=terminate"):
+        envs.final_obs({"discount": info["discount"]}, "gymnax CartPole-v1")
 
 
 def test_episode_stats_and_window():

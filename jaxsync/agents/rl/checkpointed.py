@@ -1,4 +1,4 @@
-"""RL training in chunks of updates: checkpoints, bitwise resume, the non-finite guard (issue 9).
+"""RL training in chunks of updates: checkpoints, bitwise resume, the non-finite guard, replicas.
 
 The run is the agent's ``make_chunked(cfg)``: a jitted ``init`` and ``run(state, start, n)`` whose
 composition over all updates is ``make_train``'s program. The host runs it chunk by chunk; a chunk
@@ -12,6 +12,10 @@ observations, return window, RNG key, DQN's target network and replay buffer) an
 the host accumulates: the last record, the last logged env step, each seed's best return and
 first solve. An "update" is a PPO update (rollout + epochs × minibatches) or a DQN iteration
 (every env steps once).
+
+Replica check (``check_replicas`` = K): chunks also end at multiples of K, and after each such
+chunk and the last one every device's copy of the replicated state is compared bit for bit
+(``Chunked.check_replicas``); a difference raises :class:`jaxsync.replicas.ReplicaDivergence`.
 
 Non-finite guard: the agent's optimizer runs under ``optax.apply_if_finite``; the per-update
 metric ``nonfinite_consecutive`` (optimizer steps skipped in a row, any seed) reaching the limit
@@ -119,6 +123,10 @@ class _Seeds:
         seconds = time.perf_counter() - t0
         return state, {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}, seconds
 
+    def check_replicas(self, state) -> None:
+        for s in [state] if self.vmapped else state:
+            self.agent.check_replicas(s)
+
     def params0(self, state):
         if self.vmapped:
             return jax.tree.map(lambda x: x[0], self.agent.params(state))
@@ -149,9 +157,9 @@ def train_chunked(cfg) -> dict:
 
 
 def _next_stop(cfg, done: int, total: int, checkpoints: bool) -> int:
-    if checkpoints and cfg.checkpoint_every:
-        return min(total, (done // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-    return total
+    """The next chunk boundary: a checkpoint, a replica check, or the last update."""
+    every = [cfg.check_replicas] + ([cfg.checkpoint_every] if checkpoints else [])
+    return min([total] + [(done // k + 1) * k for k in every if k])
 
 
 def _first_stop(cfg, metrics) -> int | None:
@@ -234,6 +242,8 @@ def _loop(cfg, seeds: _Seeds, state, start: int, carried: dict, ckpt, writers) -
             runs.stop_nonfinite(cfg, ckpt, done + bad + 1, writers)
         _accumulate(acc, metrics, upto, SOLVED_RETURN)
         state, done = new_state, done + count
+        if cfg.check_replicas and (done % cfg.check_replicas == 0 or done == total):
+            seeds.check_replicas(state)
         if ckpt is not None and (
             done == total or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
         ):

@@ -8,6 +8,12 @@ gradient step on a uniform sample of the buffer.
 
 Data parallelism: each device steps its own envs into its own buffer, samples its own minibatch,
 and the gradients go through a sync backend, i.e. one update on a batch of N × ``batch_size``.
+
+Truncation (``truncation``): a transition cut by CartPole's 500-step limit is stored with the
+observation it led to (``info["final_obs"]``, not the auto-reset one) and is not terminal, so its
+target is r + γ max Q_target(final observation), as CleanRL does with Gymnasium's final
+observation (Pardo et al. 2018, "Time Limits in Reinforcement Learning"). ``terminate`` makes
+it terminal (target r) instead.
 """
 
 from __future__ import annotations
@@ -52,9 +58,10 @@ class DQNConfig:
     hidden: tuple = (120, 84)
     num_devices: int = 1
     strategy: str = "single"
-    # Non-finite guard (issue 9): gradient steps with NaN/Inf gradients are skipped; the run stops
-    # after max_nonfinite in a row (0: no guard). nan_at_steps: fault injection, 1-based
-    # iterations whose gradient step (if they take one) gets NaN gradients.
+    truncation: str = "bootstrap"  # bootstrap: Q(final obs) at the time limit; terminate: 0
+    # Non-finite guard (see checkpointed.py): gradient steps with NaN/Inf gradients are skipped;
+    # the run stops after max_nonfinite in a row (0: no guard). nan_at_steps: fault injection,
+    # 1-based iterations whose gradient step (if they take one) gets NaN gradients.
     max_nonfinite: int = 0  # off here: the guard changes XLA's fusion, so rounding; train_rl: 10
     nan_at_steps: tuple = ()
 
@@ -69,6 +76,7 @@ class DQNConfig:
 
 def validate(cfg: DQNConfig) -> None:
     parallel.check_strategy(cfg.strategy, cfg.num_devices)
+    envs_lib.check_truncation(cfg.truncation)
     check_at_least(
         cfg,
         (
@@ -97,8 +105,8 @@ class Buffer(NamedTuple):
     obs: jax.Array
     action: jax.Array
     reward: jax.Array
-    next_obs: jax.Array
-    done: jax.Array
+    next_obs: jax.Array  # the observation the action led to (before any auto-reset)
+    done: jax.Array  # 1: terminal, no bootstrap (a termination; a truncation under "terminate")
     pos: jax.Array
     size: jax.Array
 
@@ -210,22 +218,40 @@ def _learn(ctx: _Ctx, it, rs: RunnerState, key):
     return rs._replace(params=params, opt_state=opt_state), {"loss": loss, **metrics}
 
 
-def _iteration(ctx: _Ctx, rs: RunnerState, it):
+def transition_end(cfg: DQNConfig, obs, done, info):
+    """``(next_obs, terminal)`` to store for a batch of env steps.
+
+    ``bootstrap``: the pre-reset observation, terminal only where the episode terminated;
+    ``terminate``: every episode end is terminal (its ``next_obs`` is then never read)."""
+    if cfg.truncation == "terminate":
+        return info.get("final_obs", obs), done
+    return envs_lib.final_obs(info, cfg.env), info["terminated"]
+
+
+def collect(ctx: _Ctx, rs: RunnerState, it):
+    """Iteration ``it``'s acting half: ε-greedy actions, one step of every env, the transitions
+    into the buffer, finished returns into the window. Returns ``(rs, key for the learner)``."""
     cfg = ctx.cfg
-    env_steps = (it + 1) * cfg.steps_per_iter
     rng, k_act, k_env, k_learn = jax.random.split(rs.rng, 4)
     eps = epsilon(cfg, it * cfg.steps_per_iter)
     action = _act(ctx, rs.params, rs.obs, k_act, eps)
     env_keys = parallel.local_keys(k_env, cfg.num_envs, cfg.num_devices, ctx.axis)
     step = jax.vmap(partial(envs_lib.stats_step, ctx.env), in_axes=(0, 0, 0, None))
     obs, env_state, reward, done, info = step(env_keys, rs.env_state, action, ctx.env_params)
-    # Bootstrapping stops only at true terminations (gymnax's discount = 0), not at truncation.
-    buffer = buffer_add(rs.buffer, rs.obs, action, reward, obs, info["discount"] == 0)
+    next_obs, terminal = transition_end(cfg, obs, done, info)
+    buffer = buffer_add(rs.buffer, rs.obs, action, reward, next_obs, terminal)
     finished = jnp.stack([info["episode_return"], info["returned_episode"].astype(jnp.float32)])
     finished = parallel.gather_envs(finished, ctx.axis)
     window = envs_lib.window_update(rs.window, finished[0], finished[1] > 0)
     rs = rs._replace(buffer=buffer, env_state=env_state, obs=obs, rng=rng, window=window)
-    rs, k_learn = parallel.after(finished, (rs, k_learn))  # the gather before the gradient sync
+    return parallel.after(finished, (rs, k_learn))  # the gather before the gradient sync
+
+
+def _iteration(ctx: _Ctx, rs: RunnerState, it):
+    cfg = ctx.cfg
+    env_steps = (it + 1) * cfg.steps_per_iter
+    rs, k_learn = collect(ctx, rs, it)
+    eps = epsilon(cfg, it * cfg.steps_per_iter)
     every = max(cfg.train_frequency // cfg.steps_per_iter, 1)
     learn = (env_steps > cfg.learning_starts) & (it % every == 0)
     zero = {"loss": jnp.float32(0), "q_mean": jnp.float32(0)}
@@ -259,15 +285,21 @@ def make_optimizer(cfg: DQNConfig) -> optax.GradientTransformation:
     return optax.apply_if_finite(tx, cfg.max_nonfinite) if cfg.max_nonfinite else tx
 
 
-def _device_fns(cfg: DQNConfig, axis_name: str):
-    """``(device_init(rng) -> RunnerState, device_run(rs, start, n) -> (rs, metrics))`` of one
-    device; ``device_run`` scans iterations ``start … start+n−1``."""
+def make_context(cfg: DQNConfig, axis_name: str = parallel.DATA_AXIS) -> _Ctx:
+    """What every per-device function reads: config, env, network, sync backend, axis name."""
     validate(cfg)
     env, env_params = envs_lib.make_env(cfg.env)
     net = QNetwork(env.action_space(env_params).n, tuple(cfg.hidden))
     axis = None if cfg.strategy == "single" else axis_name
     sync = parallel.make_sync(cfg.strategy, make_optimizer(cfg), axis)
-    ctx = _Ctx(cfg, env, env_params, net, sync, axis)
+    return _Ctx(cfg, env, env_params, net, sync, axis)
+
+
+def _device_fns(cfg: DQNConfig, axis_name: str):
+    """``(ctx, device_init(rng) -> RunnerState, device_run(rs, start, n) -> (rs, metrics))`` of
+    one device; ``device_run`` scans iterations ``start … start+n−1``."""
+    ctx = make_context(cfg, axis_name)
+    env, env_params, net, axis = ctx.env, ctx.env_params, ctx.net, ctx.axis
 
     def device_init(rng):
         rng, k_init, k_reset = jax.random.split(rng, 3)
@@ -285,13 +317,24 @@ def _device_fns(cfg: DQNConfig, axis_name: str):
     def device_run(rs, start, n: int):
         return lax.scan(partial(_iteration, ctx), rs, start + jnp.arange(n))
 
-    return device_init, device_run
+    return ctx, device_init, device_run
+
+
+def replicated_state(rs: RunnerState, server_state: bool) -> dict:
+    """The parts of a runner state that every device must hold bit for bit: parameters, the
+    return window and RNG key (computed identically everywhere), and the optimizer state unless
+    the backend keeps it on a server (``SyncBackend.server_state``). Envs, observations and
+    replay buffers are each device's own."""
+    tree = dict(params=rs.params, target_params=rs.target_params, window=rs.window, rng=rs.rng)
+    if not server_state:
+        tree["opt_state"] = rs.opt_state
+    return tree
 
 
 def make_train(cfg: DQNConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: bool = False):
     """Build ``train(rng) -> (params, metrics)``; metrics have one entry per iteration
     (``env_steps``, ``mean_return`` over the last 100 episodes of all devices, ``loss``, …)."""
-    device_init, device_run = _device_fns(cfg, axis_name)
+    _, device_init, device_run = _device_fns(cfg, axis_name)
 
     def device_train(rng):
         rs, metrics = device_run(device_init(rng), 0, cfg.num_iters)
@@ -307,7 +350,8 @@ def make_chunked(
 ) -> parallel.Chunked:
     """``train`` split into jitted ``init`` and ``run(state, start, n)`` over iterations, so the
     host can checkpoint the whole runner state (networks, optimizer, replay buffer, envs, RNG)."""
-    device_init, device_run = _device_fns(cfg, axis_name)
+    ctx, device_init, device_run = _device_fns(cfg, axis_name)
+    replicated = partial(replicated_state, server_state=ctx.sync.server_state)
     return parallel.run_chunked(
-        device_init, device_run, cfg.strategy, cfg.num_devices, axis_name, vmap_seeds
+        device_init, device_run, cfg.strategy, cfg.num_devices, axis_name, vmap_seeds, replicated
     )

@@ -10,6 +10,14 @@ Interface (the one gymnax uses, so gymnax environments plug in when that package
 ``step`` resets automatically: when an episode ends, the returned ``obs``/``state`` already belong
 to a fresh episode, and ``done`` marks the transition as the last of its episode. Vectorise with
 ``jax.vmap(env.step, in_axes=(0, 0, 0, None))``.
+
+Truncation. ``info`` tells the two ways an episode ends apart: ``terminated`` (the pole fell:
+the value of what follows is 0) and ``truncated`` (the 500-step time limit: the episode was cut, the
+state after it still has a value). To bootstrap at a truncation an agent needs the observation the
+transition really led to, which auto-reset has replaced by the next episode's first one; ``info``
+keeps it as ``final_obs`` (as Gymnasium's vector environments do, and Pardo et al. 2018, "Time
+Limits in Reinforcement Learning", recommend). :func:`final_obs` reads it and refuses an env that
+does not report it.
 """
 
 from __future__ import annotations
@@ -124,11 +132,12 @@ class CartPole:
         done = terminated | truncated
         reset_obs, reset_state = self.reset(key, params)
         new = jax.tree.map(lambda r, s: lax.select(done, r, s), reset_state, new)
-        obs = lax.select(done, reset_obs, obs)
+        final, obs = obs, lax.select(done, reset_obs, obs)
         info = {
             "terminated": terminated,
             "truncated": truncated,
             "discount": 1.0 - terminated.astype(jnp.float32),
+            "final_obs": final,  # the observation the step led to, before any reset
         }
         return obs, new, reward, done, info
 
@@ -151,6 +160,27 @@ def make_env(name: str) -> tuple[Any, Any]:
         return gymnax.make(name)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"unknown env {name!r}: {e}") from None
+
+
+TRUNCATION = ("bootstrap", "terminate")
+
+
+def check_truncation(mode: str) -> None:
+    if mode not in TRUNCATION:
+        raise ConfigError(f"unknown --truncation {mode!r}; choose from {list(TRUNCATION)}")
+
+
+def final_obs(info: dict, env_name: str = "this env") -> jax.Array:
+    """The observation each transition led to before auto-reset (``info["final_obs"]``).
+
+    Raises ConfigError for an env that does not report it (gymnax's envs keep only the reset
+    observation): such an env can only treat truncation as termination.
+    """
+    if "final_obs" not in info or "truncated" not in info:
+        raise ConfigError(
+            f"{env_name} does not report final_obs/truncated in info; use --truncation=terminate"
+        )
+    return info["final_obs"]
 
 
 class EpisodeStats(NamedTuple):

@@ -1,11 +1,16 @@
 """Data-parallel RL: every device runs its own environments, gradients go through a sync backend.
 
 A whole training run ``device_train(rng)`` is written once with a named axis and runs under
-``jax.shard_map`` (``check_vma=False``, see DESIGN.md "Known traps") over N devices; with strategy
-``single`` it runs as is on one device. Environments are indexed globally: device ``d`` of N with
-E envs each owns global envs ``d·E … d·E+E−1`` and draws their keys from the same split as a
-single device running all N·E envs, so N devices × E envs is the same algorithm as 1 device ×
-N·E envs (equal up to float summation order; the parity test checks it).
+``jax.shard_map`` (``check_vma=False``, see "Known traps" in ``docs/design.md``) over N devices;
+with strategy ``single`` it runs as is on one device. Environments are indexed globally: device
+``d`` of N with E envs each owns global envs ``d·E … d·E+E−1`` and draws their keys from the same
+split as a single device running all N·E envs, so N devices × E envs is the same algorithm as
+1 device × N·E envs (equal up to float summation order; the parity test checks it).
+
+Under ``check_vma=False`` JAX does not check that what is declared replicated is: a backend that
+left one device's parameters behind would go unnoticed. :class:`Chunked` therefore exposes
+``check_replicas(state)`` (:func:`jaxsync.replicas.check_replicas` on the parts of the runner state
+every device must hold bit for bit), which the host loop calls every ``--check_replicas`` updates.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxsync import ConfigError
+from jaxsync import ConfigError, replicas
 from jaxsync.mesh import DATA_AXIS, make_mesh
 from jaxsync.parallel.common import apply_optimizer
 from jaxsync.sync import BACKENDS, SyncBackend, make_backend
@@ -123,11 +128,15 @@ class Chunked(NamedTuple):
     On several devices the state carries a leading device axis (each device's environments, and
     under ``ps`` its own copy of the optimizer state, differ), sharded over the mesh; with
     ``vmap_seeds`` a seed axis follows it. ``params(state)`` gives the parameters (device 0's).
+    ``check_replicas(state)`` raises :class:`jaxsync.replicas.ReplicaDivergence` unless every
+    device holds the same bits of the state meant to be replicated; it returns the number of
+    leaves checked (0 on one device).
     """
 
     init: Callable
     run: Callable
     params: Callable
+    check_replicas: Callable
 
 
 def _stack(tree):
@@ -145,10 +154,12 @@ def run_chunked(
     num_devices: int,
     axis_name: str = DATA_AXIS,
     vmap_seeds: bool = False,
+    replicated: Callable = lambda s: s.params,
 ) -> Chunked:
     """:func:`run_data_parallel` for ``device_init(rng) -> state`` and
     ``device_run(state, start, n) -> (state, metrics)``; their composition over all updates is
-    the whole run, so chunk boundaries change only where the host reads the state."""
+    the whole run, so chunk boundaries change only where the host reads the state.
+    ``replicated(state)`` picks the parts of a state that every device must hold identically."""
     check_strategy(strategy, num_devices)
 
     def run_local(state, start, n):
@@ -156,9 +167,9 @@ def run_chunked(
         return jax.vmap(one)(state) if vmap_seeds else one(state)
 
     init_local = jax.vmap(device_init) if vmap_seeds else device_init
-    get_params = lambda s: s.params
-    if strategy == "single":
-        return Chunked(jax.jit(init_local), jax.jit(run_local, static_argnums=2), get_params)
+    if strategy == "single":  # one copy: nothing to compare
+        jit_run = jax.jit(run_local, static_argnums=2)
+        return Chunked(jax.jit(init_local), jit_run, lambda s: s.params, lambda s: 0)
     mesh = make_mesh(num_devices, (axis_name,))
     init = jax.shard_map(
         lambda k: _stack(init_local(k)),
@@ -181,7 +192,11 @@ def run_chunked(
             check_vma=False,
         )(state, start)
 
-    return Chunked(jax.jit(init), jax.jit(run, static_argnums=2), lambda s: _unstack(s.params))
+    def check(state):  # leaves [N, ...]: row d is device d's copy
+        return replicas.check_replicas(replicated(state), stacked=True)
+
+    params = lambda s: _unstack(s.params)
+    return Chunked(jax.jit(init), jax.jit(run, static_argnums=2), params, check)
 
 
 def guard_counts(opt_state, server_state: bool, axis_name: str | None):

@@ -10,6 +10,12 @@ through a sync backend (``psum`` | ``ring`` | ``ps``). Minibatches are stratifie
 (each env contributes T/M random time steps to every minibatch) and advantages are normalised with
 statistics over all devices, so N devices × E envs computes exactly the PPO update of one device
 with N·E envs.
+
+Truncation (``truncation``): CartPole-v1 cuts episodes at 500 steps. ``bootstrap`` (the default)
+treats the cut as what it is, a time limit: the last transition's target is r + γ V(final
+observation) (Pardo et al. 2018, "Time Limits in Reinforcement Learning"). ``terminate`` treats it
+as a termination (target r), as PureJaxRL's ``ppo.py`` does (it learns from gymnax's ``done``);
+use it to compare with PureJaxRL like for like.
 """
 
 from __future__ import annotations
@@ -52,9 +58,10 @@ class PPOConfig:
     activation: str = "tanh"
     num_devices: int = 1
     strategy: str = "single"
-    # Non-finite guard (issue 9): minibatch steps with NaN/Inf gradients are skipped; the run stops
-    # after max_nonfinite whole updates' worth in a row (0: no guard). nan_at_steps: fault
-    # injection, 1-based updates whose gradients are all NaN.
+    truncation: str = "bootstrap"  # bootstrap: V(final obs) at the time limit; terminate: 0
+    # Non-finite guard (see checkpointed.py): minibatch steps with NaN/Inf gradients are skipped;
+    # the run stops after max_nonfinite whole updates' worth in a row (0: no guard).
+    # nan_at_steps: fault injection, 1-based updates whose gradients are all NaN.
     max_nonfinite: int = 0  # off here: the guard changes XLA's fusion, so rounding; train_rl: 10
     nan_at_steps: tuple = ()
 
@@ -73,6 +80,7 @@ class PPOConfig:
 
 def validate(cfg: PPOConfig) -> None:
     parallel.check_strategy(cfg.strategy, cfg.num_devices)
+    envs_lib.check_truncation(cfg.truncation)
     check_at_least(cfg, ("num_envs", "num_steps", "update_epochs", "num_minibatches"), 1)
     if cfg.num_steps % cfg.num_minibatches:
         raise ConfigError(
@@ -96,7 +104,9 @@ class Transition(NamedTuple):
     log_prob: jax.Array
     value: jax.Array
     reward: jax.Array
-    done: jax.Array
+    done: jax.Array  # the last transition of an episode (terminated or truncated)
+    truncated: jax.Array  # ended by the time limit, not terminated (False under "terminate")
+    final_value: jax.Array  # V(observation before the reset); used where ``truncated``
     returned_episode: jax.Array
     episode_return: jax.Array
 
@@ -110,25 +120,41 @@ class Batch(NamedTuple):
     target: jax.Array
 
 
-def gae(rewards, values, dones, last_value, gamma: float, lam: float):
+def gae(
+    rewards, values, dones, last_value, gamma: float, lam: float, truncated=None, final_values=None
+):
     """Generalised advantage estimation (Schulman et al. 2016), time-major ``[T, ...]``.
 
-    δ_t = r_t + γ V(s_{t+1})(1 − d_t) − V(s_t),  A_t = δ_t + γλ(1 − d_t) A_{t+1},
-    where d_t marks the last transition of an episode and V(s_T) = ``last_value``.
+    δ_t = r_t + γ V(s_{t+1})(1 − d_t) + γ u_t V(s'_t) − V(s_t),  A_t = δ_t + γλ(1 − d_t) A_{t+1},
+    where d_t marks the last transition of an episode, V(s_T) = ``last_value``, and u_t
+    (``truncated``) marks an episode cut by a time limit, whose target bootstraps from the value
+    of its final observation s'_t (``final_values``; Pardo et al. 2018). Without ``truncated``
+    every episode end is a termination (u = 0), as in PureJaxRL.
     Returns ``(advantages, value targets A_t + V(s_t))``.
     """
+    bootstrap = truncated is not None
 
     def back(carry, x):
         next_adv, next_value = carry
-        r, v, d = x
+        r, v, d = x[:3]
         nonterminal = 1.0 - d.astype(jnp.float32)
         delta = r + gamma * next_value * nonterminal - v
+        if bootstrap:
+            delta = delta + gamma * x[3].astype(jnp.float32) * x[4]
         adv = delta + gamma * lam * nonterminal * next_adv
         return (adv, v), adv
 
+    xs = (rewards, values, dones) + ((truncated, final_values) if bootstrap else ())
     init = (jnp.zeros_like(last_value), last_value)
-    _, adv = lax.scan(back, init, (rewards, values, dones), reverse=True)
+    _, adv = lax.scan(back, init, xs, reverse=True)
     return adv, adv + values
+
+
+def advantages(traj: Transition, last_value, cfg: PPOConfig):
+    """:func:`gae` of a rollout, bootstrapping truncated episodes unless ``cfg.truncation`` is
+    ``terminate``."""
+    extra = () if cfg.truncation == "terminate" else (traj.truncated, traj.final_value)
+    return gae(traj.reward, traj.value, traj.done, last_value, cfg.gamma, cfg.gae_lambda, *extra)
 
 
 def normalize_advantages(adv, axis_name: str | None = None, eps: float = 1e-8):
@@ -235,10 +261,32 @@ def _env_step(ctx: _Ctx, carry, _):
     env_keys = parallel.local_keys(k_env, cfg.num_envs, cfg.num_devices, ctx.axis)
     step = jax.vmap(partial(envs_lib.stats_step, ctx.env), in_axes=(0, 0, 0, None))
     next_obs, env_state, reward, done, info = step(env_keys, env_state, action, ctx.env_params)
+    if cfg.truncation == "terminate":
+        truncated, final_value = jnp.zeros_like(done), jnp.zeros_like(value)
+    else:
+        truncated = info["truncated"] & ~info["terminated"]
+        _, final_value = ctx.net.apply({"params": params}, envs_lib.final_obs(info, cfg.env))
     t = Transition(
-        obs, action, log_prob, value, reward, done, info["returned_episode"], info["episode_return"]
+        obs,
+        action,
+        log_prob,
+        value,
+        reward,
+        done,
+        truncated,
+        final_value,
+        info["returned_episode"],
+        info["episode_return"],
     )
     return (params, env_state, next_obs, rng), t
+
+
+def rollout(ctx: _Ctx, params, env_state, obs, rng):
+    """``num_steps`` steps of this device's envs: ``((env_state, obs, rng), traj [T, E])``."""
+    (_, env_state, obs, rng), traj = lax.scan(
+        partial(_env_step, ctx), (params, env_state, obs, rng), None, ctx.cfg.num_steps
+    )
+    return (env_state, obs, rng), traj
 
 
 def _minibatch_step(ctx: _Ctx, update_idx, carry, mb: Batch):
@@ -275,11 +323,9 @@ def _epoch(ctx: _Ctx, batch: Batch, update_idx, carry, _):
 
 def _update(ctx: _Ctx, rs: RunnerState, update_idx):
     cfg = ctx.cfg
-    (_, env_state, obs, rng), traj = lax.scan(
-        partial(_env_step, ctx), (rs.params, rs.env_state, rs.obs, rs.rng), None, cfg.num_steps
-    )
+    (env_state, obs, rng), traj = rollout(ctx, rs.params, rs.env_state, rs.obs, rs.rng)
     _, last_value = ctx.net.apply({"params": rs.params}, obs)
-    adv, target = gae(traj.reward, traj.value, traj.done, last_value, cfg.gamma, cfg.gae_lambda)
+    adv, target = advantages(traj, last_value, cfg)
     batch = Batch(traj.obs, traj.action, traj.log_prob, traj.value, adv, target)
     # One all-gather of (return, finished) rather than two, ordered before the updates' all-reduces.
     finished = jnp.stack([traj.episode_return, traj.returned_episode.astype(jnp.float32)], -1)
@@ -307,16 +353,21 @@ def _update(ctx: _Ctx, rs: RunnerState, update_idx):
     return RunnerState(params, opt_state, env_state, obs, window, rng), metrics
 
 
-def _device_fns(cfg: PPOConfig, axis_name: str):
-    """``(device_init(rng) -> RunnerState, device_run(rs, start, n) -> (rs, metrics))`` of one
-    device; ``device_run`` scans updates ``start … start+n−1``."""
+def make_context(cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS) -> _Ctx:
+    """What every per-device function reads: config, env, network, sync backend, axis name."""
     validate(cfg)
     env, env_params = envs_lib.make_env(cfg.env)
     net = ActorCritic(env.action_space(env_params).n, cfg.hidden, cfg.activation)
     axis = None if cfg.strategy == "single" else axis_name
-    ctx = _Ctx(
-        cfg, env, env_params, net, parallel.make_sync(cfg.strategy, make_optimizer(cfg), axis), axis
-    )
+    sync = parallel.make_sync(cfg.strategy, make_optimizer(cfg), axis)
+    return _Ctx(cfg, env, env_params, net, sync, axis)
+
+
+def _device_fns(cfg: PPOConfig, axis_name: str):
+    """``(ctx, device_init(rng) -> RunnerState, device_run(rs, start, n) -> (rs, metrics))`` of
+    one device; ``device_run`` scans updates ``start … start+n−1``."""
+    ctx = make_context(cfg, axis_name)
+    env, env_params, net, axis = ctx.env, ctx.env_params, ctx.net, ctx.axis
 
     def device_init(rng):
         rng, k_init, k_reset = jax.random.split(rng, 3)
@@ -332,7 +383,18 @@ def _device_fns(cfg: PPOConfig, axis_name: str):
     def device_run(rs, start, n: int):
         return lax.scan(partial(_update, ctx), rs, start + jnp.arange(n))
 
-    return device_init, device_run
+    return ctx, device_init, device_run
+
+
+def replicated_state(rs: RunnerState, server_state: bool) -> dict:
+    """The parts of a runner state that every device must hold bit for bit: parameters, the
+    return window and RNG key (computed identically everywhere), and the optimizer state unless
+    the backend keeps it on a server (``SyncBackend.server_state``). Envs, observations and
+    replay buffers are each device's own."""
+    tree = dict(params=rs.params, window=rs.window, rng=rs.rng)
+    if not server_state:
+        tree["opt_state"] = rs.opt_state
+    return tree
 
 
 def make_train(cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: bool = False):
@@ -343,7 +405,7 @@ def make_train(cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS, vmap_seeds: 
     loss terms averaged over epochs, minibatches and devices, and with the guard
     ``nonfinite_consecutive`` / ``nonfinite_steps`` (skipped minibatch steps in a row / in all).
     """
-    device_init, device_run = _device_fns(cfg, axis_name)
+    _, device_init, device_run = _device_fns(cfg, axis_name)
 
     def device_train(rng):
         rs, metrics = device_run(device_init(rng), 0, cfg.num_updates)
@@ -360,7 +422,8 @@ def make_chunked(
     """``train`` split into jitted ``init`` and ``run(state, start, n)`` (see
     :func:`parallel.run_chunked`) so the host can checkpoint the whole runner state between
     chunks: parameters, optimizer state, env states, last observations, return window, RNG."""
-    device_init, device_run = _device_fns(cfg, axis_name)
+    ctx, device_init, device_run = _device_fns(cfg, axis_name)
+    replicated = partial(replicated_state, server_state=ctx.sync.server_state)
     return parallel.run_chunked(
-        device_init, device_run, cfg.strategy, cfg.num_devices, axis_name, vmap_seeds
+        device_init, device_run, cfg.strategy, cfg.num_devices, axis_name, vmap_seeds, replicated
     )

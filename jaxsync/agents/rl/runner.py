@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxsync import ConfigError
+from jaxsync import ConfigError, check_at_least
 from jaxsync.agents.rl import dqn, ppo
 from jaxsync.metrics import MetricsWriter, to_python
 from jaxsync.parallel.common import param_checksum
@@ -35,14 +35,17 @@ class RunConfig:
     repeats: int = 1  # timed runs after compilation; steps/s is their median
     log_every: int = 10_000  # env steps between JSONL records
     metrics_file: str | None = None
-    # Checkpoints and resume (issue 9, see checkpointed.py); "steps" are updates (PPO) or
-    # iterations (DQN). The guard's settings live in the agent config (max_nonfinite, nan_at_steps).
+    # Checkpoints and resume (see checkpointed.py); "steps" are updates (PPO) or iterations
+    # (DQN). The guard's settings live in the agent config (max_nonfinite, nan_at_steps).
     workdir: str | None = None
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     resume: bool = True
     tensorboard: bool = False
     quiet: bool = True
+    # K >= 1: every K updates and at the end, every device must hold the same bits of the state
+    # meant to be replicated (jaxsync.replicas; raises ReplicaDivergence). 0: off.
+    check_replicas: int = 0
 
     # What jaxsync.train's workdir helpers read.
     @property
@@ -185,12 +188,14 @@ def train_and_log(cfg: RunConfig) -> dict:
     """
     if cfg.log_every < 1:
         raise ConfigError(f"--log_every must be >= 1, got {cfg.log_every}")
+    check_at_least(cfg, ("check_replicas",), 0)
     if cfg.repeats == 1:
         from jaxsync.agents.rl.checkpointed import train_chunked
 
         return train_chunked(cfg)
-    if cfg.workdir:
-        raise ConfigError("--repeats > 1 reruns whole trainings; it cannot use --workdir")
+    for flag in ("workdir", "check_replicas"):
+        if getattr(cfg, flag):
+            raise ConfigError(f"--repeats > 1 reruns whole trainings; it cannot use --{flag}")
     result = run_seeds(cfg.agent, cfg.agent_cfg, cfg.seeds, cfg.seed, cfg.repeats)
     summary = {
         "summary": True,
