@@ -1,20 +1,28 @@
 """Model-parallel benchmark: step time and per-device parameter bytes versus P, GPipe bubble vs M.
 
 Table 1: for tensor parallelism (tp) and GPipe (pp, --fixed_microbatches) on P devices, the median
-step time and the parameter bytes one device holds (read from its shards), against the
+step time (measured) and the parameter bytes one device holds (read from its shards), against the
 single-device model measured in the same run.
 
 Table 2: the pipeline bubble versus M at P = --bubble_stages with a fixed microbatch size. The
-GPipe forward + backward (M + P − 1 ticks) is timed against the same program with no bubble: on a
-(P, 1) data x stage mesh every device is a one-stage pipeline that runs its own stage on its own M
-microbatches (M ticks of the same per-tick work). Measured bubble = 1 − t_no_bubble / t_pipeline,
-against GPipe's (P − 1)/(M + P − 1) (Huang et al. 2019).
+GPipe forward + backward (M + P − 1 ticks) is timed against two references without the bubble:
+
+- steady state: the same program on the same P-stage mesh cut to M ticks, so every tick runs the
+  same compute and the same ``ppermute`` of activation and microbatch index as the pipeline's
+  (the fair reference). Measured bubble = 1 − t_steady / t_pipeline.
+- no communication: on a (P, 1) data x stage mesh every device is a one-stage pipeline running
+  its own stage on its own M microbatches (M ticks of the same compute, no ``ppermute``). Its gap
+  also holds what the ppermutes cost, so it exceeds the bubble.
+
+Beside them: the idle (stage, tick) slots counted in the schedule that ran (the pipeline's
+``idle_fraction`` metric: microbatch indices travel with the activations) and GPipe's formula
+(P − 1)/(M + P − 1) (Huang et al. 2019).
 
     python experiments/bench_model_parallel.py --quick
     python experiments/bench_model_parallel.py --parallel=1,2,4,8 --microbatches=1,2,4,8,16
 
 On emulated CPU devices the P devices share the host's cores, so step times do not fall with P;
-the memory column and the bubble ratios (both sides measured on the same devices) are what carry.
+the memory column and the bubble ratios (all programs measured on the same devices) are what carry.
 """
 
 import json
@@ -56,12 +64,12 @@ def _time_steps(jax, strategy, x, y, repeats):
     return 1e3 * statistics.median(times), per_device
 
 
-def _pipeline_grad_ms(jax, module, x, y, stages, m, ideal, repeats):
-    """Median ms of one GPipe forward + backward over M microbatches of len(x)/M (or /(P·M)).
+def _pipeline_grad_ms(jax, module, x, y, stages, m, mode, repeats):
+    """``(median ms, idle fraction)`` of one GPipe forward + backward over M microbatches.
 
-    ``ideal=False``: a P-stage pipeline, M + P − 1 ticks. ``ideal=True``: the same program on a
-    (P, 1) data x stage mesh, so every device is a 1-stage pipeline running its own stage on its
-    own M microbatches: M ticks of the same per-tick work, and no bubble.
+    ``mode``: ``pipeline`` (P stages, M + P − 1 ticks), ``steady`` (the same P-stage program cut
+    to M ticks: the same per-tick compute and ppermutes, no bubble) or ``no_comm`` (a (P, 1) data x
+    stage mesh: every device a one-stage pipeline on its own M microbatches of len(x)/(P·M)).
     """
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -69,16 +77,18 @@ def _pipeline_grad_ms(jax, module, x, y, stages, m, ideal, repeats):
     from jaxsync.mesh import DATA_AXIS, make_mesh
     from jaxsync.parallel import pipeline
 
-    mesh = make_mesh((stages, 1) if ideal else (1, stages), (DATA_AXIS, pipeline.STAGE_AXIS))
+    no_comm = mode == "no_comm"
+    mesh = make_mesh((stages, 1) if no_comm else (1, stages), (DATA_AXIS, pipeline.STAGE_AXIS))
     params = module.init(jax.random.key(0), x[:1])["params"]
     pp = pipeline.to_stages(params, module.num_layers, stages)
-    split = DATA_AXIS if ideal else pipeline.STAGE_AXIS
+    split = DATA_AXIS if no_comm else pipeline.STAGE_AXIS
     specs = {
         **pipeline.pipeline_specs(pp),
         "stages": jax.tree.map(lambda _: P(split), pp["stages"]),
     }
     pp = jax.device_put(pp, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
-    vg = pipeline.make_pipeline_value_and_grad(module, "classification", m)
+    ticks = m if mode == "steady" else None
+    vg = pipeline.make_pipeline_value_and_grad(module, "classification", m, ticks=ticks)
     fn = jax.jit(
         jax.shard_map(
             vg,
@@ -90,13 +100,57 @@ def _pipeline_grad_ms(jax, module, x, y, stages, m, ideal, repeats):
     )
     batch = jax.device_put((x, y), NamedSharding(mesh, P(DATA_AXIS)))
     for _ in range(2):  # compile, then one warm run
-        jax.block_until_ready(fn(pp, batch))
+        (_, metrics), _ = jax.block_until_ready(fn(pp, batch))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(pp, batch))
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times), float(metrics["idle_fraction"])
+
+
+def _bubble_rows(jax, module, x, y, stages, ms, b, reps, bubble_fraction):
+    rows = []
+    for m in ms:
+        n = b * m
+        t, idle = _pipeline_grad_ms(jax, module, x[:n], y[:n], stages, m, "pipeline", reps)
+        steady, _ = _pipeline_grad_ms(jax, module, x[:n], y[:n], stages, m, "steady", reps)
+        xs, ys = x[: n * stages], y[: n * stages]
+        no_comm, _ = _pipeline_grad_ms(jax, module, xs, ys, stages, m, "no_comm", reps)
+        rows.append(
+            dict(
+                M=m,
+                pipeline_ms=t,
+                steady_ms=steady,
+                no_comm_ms=no_comm,
+                measured=1 - steady / t,
+                measured_no_comm=1 - no_comm / t,
+                idle_counted=idle,
+                theory=bubble_fraction(stages, m),
+            )
+        )
+    return rows
+
+
+def _print_bubble(rows, stages, b):
+    print(
+        f"\nTable 2: GPipe forward+backward, P={stages}, microbatch {b}. Steady state: the same "
+        "P-stage program cut to M ticks (same compute and ppermutes per tick, no bubble); "
+        "no-comm: P one-stage pipelines (no ppermute), whose gap also holds the ppermutes' "
+        "cost. Idle slots are counted in the schedule that ran; (P−1)/(M+P−1) is the formula.\n"
+    )
+    print(
+        "| M | pipeline ms (measured) | steady-state ms (measured) "
+        "| bubble 1 − t_steady/t (measured) | no-comm ms (measured) "
+        "| 1 − t_no_comm/t (measured) | idle slots (counted) | (P−1)/(M+P−1) (formula) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['M']} | {r['pipeline_ms']:.2f} | {r['steady_ms']:.2f} | {r['measured']:.3f} "
+            f"| {r['no_comm_ms']:.2f} | {r['measured_no_comm']:.3f} | {r['idle_counted']:.3f} "
+            f"| {r['theory']:.3f} |"
+        )
 
 
 def main(argv):
@@ -134,7 +188,10 @@ def main(argv):
             t, nbytes = _time_steps(jax, strategy, x[:b], y[:b], reps)
             rows.append(dict(strategy=name, P=p, step_ms=t, param_bytes=nbytes))
     print(f"\nTable 1: width {width}, {layers} layers, batch {b}, pp M={_FIXED_M.value}\n")
-    print("| strategy | P | step ms | vs single | param bytes / device | vs single |")
+    print(
+        "| strategy | P | step ms (measured) | vs single | param bytes / device (read from "
+        "shards) | vs single |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
@@ -143,30 +200,8 @@ def main(argv):
         )
 
     stages = _STAGES.value
-    bubbles = []
-    for m in ms:
-        n = b * m
-        t = _pipeline_grad_ms(jax, module, x[:n], y[:n], stages, m, False, reps)
-        ideal = _pipeline_grad_ms(
-            jax, module, x[: n * stages], y[: n * stages], stages, m, True, reps
-        )
-        bubbles.append(
-            dict(
-                M=m,
-                pipeline_ms=t,
-                no_bubble_ms=ideal,
-                measured=1 - ideal / t,
-                theory=pipeline.bubble_fraction(stages, m),
-            )
-        )
-    print(f"\nTable 2: GPipe forward+backward, P={stages}, microbatch {b}\n")
-    print("| M | pipeline ms | no-bubble ms | measured bubble 1 − t_ideal/t | (P−1)/(M+P−1) |")
-    print("|---|---|---|---|---|")
-    for r in bubbles:
-        print(
-            f"| {r['M']} | {r['pipeline_ms']:.2f} | {r['no_bubble_ms']:.2f} | "
-            f"{r['measured']:.3f} | {r['theory']:.3f} |"
-        )
+    bubbles = _bubble_rows(jax, module, x, y, stages, ms, b, reps, pipeline.bubble_fraction)
+    _print_bubble(bubbles, stages, b)
     os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
     with open(_OUTPUT.value, "w") as f:
         json.dump(
