@@ -1,20 +1,28 @@
 """RL benchmark: does PPO / DQN solve CartPole-v1 (quality), and how fast is PPO training (speed)?
 
-Quality: PPO on 1 device (PureJaxRL's configuration) and on 8 devices (1 env × 64 steps each, the
-same 512-step global rollout), DQN on 1 device; 3 seeds each, 500k env steps. "Solved" means the
-mean return of the last 100 episodes reached 475 (CartPole-v1's threshold). Curves go to a PNG.
+Quality: PPO on 1 device (PureJaxRL's configuration, 4 envs × 128 steps) with PureJaxRL's
+handling of the 500-step time limit (``truncation=terminate``, like for like with PureJaxRL) and
+with ours (``bootstrap``: V of the final observation), PPO on 8 devices (1 env × 64 steps each,
+the same 512-step global rollout), DQN on 1 device with both truncation modes; 3 seeds each, 500k
+env steps. "Reached 475" means the mean return of the last 100 episodes reached 475 (CartPole-v1's
+reward threshold) at some point; "solved at end" that it is >= 475 after the last step. Curves go
+to a PNG.
 
-Speed: env steps/s of a whole PPO training run after compilation (4 envs × 128 steps per device,
-4 epochs, 4 minibatches, 500k env steps), on 1, 2, 4, 8 devices with psum, and ring / ps on the
-most devices. On emulated CPU devices all devices share the same cores, so the scaling column is
-a measure of sync overhead, not of hardware speedup.
+Speed: env steps/s of a whole PPO training run after compilation, 500k env steps, on 1, 2, 4, 8
+devices with psum and every other backend on the most devices. Every configuration does the same
+work per env step: a 512-step global rollout (N devices × E envs × T steps = 512) and 4 epochs ×
+4 minibatches, so 16 optimizer steps on 128-sample minibatches per 512 env steps. On emulated CPU
+devices all devices share the same cores, so the scaling column measures sync overhead, not
+hardware speedup.
 
   python experiments/bench_rl.py              # full run (tens of minutes on 2 CPU cores)
   python experiments/bench_rl.py --quick      # 20k env steps, 1 seed: checks the wiring
+  python experiments/bench_rl.py --parts=quality --out=docs/full_runs/bench_rl_quality
 """
 
 import json
 import os
+import sys
 import time
 
 from absl import flags
@@ -35,15 +43,22 @@ cli.define_device_flags(default_devices=8)
 def quality_configs(total_steps):
     from jaxsync.agents.rl import dqn, ppo
 
+    ppo8 = dict(num_devices=8, num_envs=1, num_steps=64, strategy="psum")
     return {
-        "ppo 1 dev (4 envs x 128)": ("ppo", ppo.PPOConfig(total_steps=total_steps)),
-        "ppo 8 dev psum (8 x 1 env x 64)": (
+        "ppo 1 dev (4 envs x 128), terminate (PureJaxRL)": (
             "ppo",
-            ppo.PPOConfig(
-                total_steps=total_steps, num_devices=8, num_envs=1, num_steps=64, strategy="psum"
-            ),
+            ppo.PPOConfig(total_steps=total_steps, truncation="terminate"),
         ),
-        "dqn 1 dev (10 envs)": ("dqn", dqn.DQNConfig(total_steps=total_steps)),
+        "ppo 1 dev (4 envs x 128), bootstrap": ("ppo", ppo.PPOConfig(total_steps=total_steps)),
+        "ppo 8 dev psum (8 x 1 env x 64), bootstrap": (
+            "ppo",
+            ppo.PPOConfig(total_steps=total_steps, **ppo8),
+        ),
+        "dqn 1 dev (10 envs), terminate": (
+            "dqn",
+            dqn.DQNConfig(total_steps=total_steps, truncation="terminate"),
+        ),
+        "dqn 1 dev (10 envs), bootstrap": ("dqn", dqn.DQNConfig(total_steps=total_steps)),
     }
 
 
@@ -54,11 +69,14 @@ def run_quality(total_steps, seeds):
     for name, (agent, cfg) in quality_configs(total_steps).items():
         result = runner.run_seeds(agent, cfg, seeds)
         s = runner.summarize(result)
+        final = s["final_mean_return_per_seed"]
         m = result["metrics"]
         curves[name] = (m["env_steps"][0].tolist(), m["mean_return"].tolist())
         rows.append(
             {
                 "config": name,
+                "truncation": cfg.truncation,
+                "solved_at_end": sum(r >= runner.SOLVED_RETURN for r in final),
                 **{
                     k: s[k]
                     for k in (
@@ -82,11 +100,12 @@ def run_speed(total_steps, devices, repeats):
     processes on a shared machine falls on all configurations alike; median of ``repeats``."""
     import numpy as np
 
-    from jaxsync.agents.rl import ppo, runner
+    from jaxsync.agents.rl import runner
+    from jaxsync.sync import backend_names
 
     plan = [(1, "single")] + [(n, "psum") for n in devices if n > 1]
-    plan += [(max(devices), s) for s in ("ring", "ps") if max(devices) > 1]
-    cfgs = [ppo.PPOConfig(total_steps=total_steps, num_devices=n, strategy=s) for n, s in plan]
+    plan += [(max(devices), s) for s in backend_names() if s != "psum" and max(devices) > 1]
+    cfgs = [speed_config(total_steps, n, s) for n, s in plan]
     compiled = [runner.compile_train("ppo", cfg, 1) for cfg in cfgs]
     times = [[] for _ in cfgs]
     for _ in range(repeats):
@@ -103,7 +122,9 @@ def run_speed(total_steps, devices, repeats):
                 "devices": cfg.num_devices,
                 "strategy": cfg.strategy,
                 "envs": cfg.num_envs * cfg.num_devices,
+                "rollout": f"{cfg.num_devices} x {cfg.num_envs} x {cfg.num_steps}",
                 "updates": cfg.num_updates,
+                "opt_steps": cfg.num_updates * cfg.opt_steps_per_update,
                 "env_steps": steps,
                 "env_steps_per_s": steps / run_s,
                 "run_s": run_s,
@@ -115,6 +136,25 @@ def run_speed(total_steps, devices, repeats):
     for row in rows:
         row["vs_1_device"] = row["env_steps_per_s"] / base
     return rows
+
+
+GLOBAL_ROLLOUT = 512  # env steps per PPO update in every speed configuration (PureJaxRL's 4 x 128)
+
+
+def speed_config(total_steps, n, strategy):
+    """PPO on ``n`` devices with PureJaxRL's 512-step global rollout: 4 / n envs × 128 steps per
+    device while n <= 4, then 1 env × 512 / n steps, so every row takes the same optimizer steps
+    (and minibatch size) per env step."""
+    from jaxsync import ConfigError
+    from jaxsync.agents.rl import ppo
+
+    envs = max(4 // n, 1)
+    if GLOBAL_ROLLOUT % (n * envs) or (GLOBAL_ROLLOUT // (n * envs)) % 4:
+        raise ConfigError(f"--speed_devices: {n} devices cannot split a 512-step rollout evenly")
+    steps = GLOBAL_ROLLOUT // (n * envs)
+    return ppo.PPOConfig(
+        total_steps=total_steps, num_devices=n, num_envs=envs, num_steps=steps, strategy=strategy
+    )
 
 
 def plot_curves(curves, path):
@@ -139,25 +179,29 @@ def plot_curves(curves, path):
 def print_tables(quality, speed):
     if quality:
         print(
-            "\n| config | seeds solved | solved at (env steps) | final mean return | best "
-            "| env steps/s (all seeds) | compile s |\n|---|---|---|---|---|---|---|"
+            "\n| config | reached 475 | solved at end | first reached 475 at (env steps) "
+            "| final mean return | best | env steps/s (all seeds) | compile s |\n"
+            "|---|---|---|---|---|---|---|---|"
         )
         for r in quality:
+            n = len(r["final_mean_return_per_seed"])
             fin = ", ".join(f"{x:.0f}" for x in r["final_mean_return_per_seed"])
             best = ", ".join(f"{x:.0f}" for x in r["best_mean_return_per_seed"])
             print(
-                f"| {r['config']} | {r['seeds_solved']}/{len(fin.split(','))} | "
+                f"| {r['config']} | {r['seeds_solved']}/{n} | {r['solved_at_end']}/{n} | "
                 f"{r['solved_at_per_seed']} | {fin} | {best} | "
                 f"{r['total_env_steps_per_s']:,.0f} | {r['compile_s']:.0f} |"
             )
     if speed:
         print(
-            "\n| devices | strategy | envs | updates | env steps/s | vs 1 device | run s "
-            "| compile s |\n|---|---|---|---|---|---|---|---|"
+            "\n| devices | strategy | rollout (dev x envs x steps) | updates | optimizer steps "
+            "| env steps/s | vs 1 device | run s | compile s |\n"
+            "|---|---|---|---|---|---|---|---|---|"
         )
         for r in speed:
             print(
-                f"| {r['devices']} | {r['strategy']} | {r['envs']} | {r['updates']} | "
+                f"| {r['devices']} | {r['strategy']} | {r['rollout']} | {r['updates']} | "
+                f"{r['opt_steps']} | "
                 f"{r['env_steps_per_s']:,.0f} | {r['vs_1_device']:.2f} | {r['run_s']:.1f} | "
                 f"{r['compile_s']:.0f} |"
             )
@@ -181,6 +225,7 @@ def main(argv):
             {
                 "total_steps": total,
                 "seeds": seeds,
+                "command": " ".join(["python", "experiments/bench_rl.py", *sys.argv[1:]]),
                 "quality": quality,
                 "speed": speed,
                 "curves": curves,
