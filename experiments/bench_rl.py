@@ -157,6 +157,16 @@ def speed_config(total_steps, n, strategy):
     )
 
 
+def thin_curves(curves, max_points: int = 500):
+    """Every k-th point of each curve (and the last), at most about ``max_points``, for the JSON:
+    DQN logs every iteration (50k points per seed at 500k steps)."""
+    out = {}
+    for name, (steps, returns) in curves.items():
+        idx = sorted(set(range(0, len(steps), max(len(steps) // max_points, 1))) | {len(steps) - 1})
+        out[name] = ([steps[i] for i in idx], [[r[i] for i in idx] for r in returns])
+    return out
+
+
 def plot_curves(curves, path):
     import matplotlib
 
@@ -228,7 +238,7 @@ def main(argv):
                 "command": " ".join(["python", "experiments/bench_rl.py", *sys.argv[1:]]),
                 "quality": quality,
                 "speed": speed,
-                "curves": curves,
+                "curves": thin_curves(curves),
             },
             f,
         )
