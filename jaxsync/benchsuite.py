@@ -227,8 +227,9 @@ FULL_RUNS = (
         "gan_ring8_full",
         "GAN mode coverage, ring of 8 Gaussians, 10,000 steps",
         "docs/full_runs/bench_gan_ring8.json",
-        "python experiments/bench_gan.py --datasets=ring8 --seeds=5 --remedies=pac+r1,r1,unroll "
-        "--out=docs/full_runs/bench_gan_ring8.json",
+        "python experiments/bench_gan.py --datasets=ring8 --seeds=5 "
+        "--remedies=pac,pac+r1,r1,unroll "
+        "--out=docs/full_runs/bench_gan_ring8.json --plot_dir=out/png",
         _GAN_FULL_INTRO,
         "gan",
     ),
@@ -236,8 +237,8 @@ FULL_RUNS = (
         "gan_grid25_full",
         "GAN mode coverage, grid of 25 Gaussians, 20,000 steps",
         "docs/full_runs/bench_gan_grid25.json",
-        "python experiments/bench_gan.py --datasets=grid25 --seeds=5 --remedies=pac+r1,r1 "
-        "--out=docs/full_runs/bench_gan_grid25.json",
+        "python experiments/bench_gan.py --datasets=grid25 --seeds=5 --remedies=pac,pac+r1,r1 "
+        "--out=docs/full_runs/bench_gan_grid25.json --plot_dir=out/pngg",
         _GAN_FULL_INTRO,
         "gan",
     ),

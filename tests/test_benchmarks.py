@@ -248,6 +248,7 @@ def test_full_runs_render_from_json_or_say_not_yet_run(tmp_path):
     quality = {
         "config": "ppo 1 dev",
         "seeds_solved": 2,
+        "solved_at_end": 1,
         "solved_at_per_seed": [1000, None],
         "final_mean_return_per_seed": [500.0, 90.0],
         "best_mean_return_per_seed": [500.0, 120.0],
