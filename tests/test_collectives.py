@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsync import collectives as C
 
 AXIS = "data"
-SIZES = (1, 2, 3, 4, 8)
+SIZES = (1, 2, 3, 8)  # 1: no-op ring; 3: uneven; 2 and 8: powers of two (4 adds nothing new)
 FRONTENDS = ("shard_map", "pmap")
 CHUNK = 6  # reduce-scatter / all-gather: every device holds N * CHUNK elements
 # (algorithm, name, mean, bucket_bytes): one bucket per dtype, tiny buckets (a few leaves each), or
