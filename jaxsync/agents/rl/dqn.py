@@ -167,15 +167,6 @@ def dqn_loss(params, target_params, apply_fn, batch: Buffer, gamma: float, doubl
     return loss, {"q_mean": q_sa.mean()}
 
 
-class _Ctx(NamedTuple):
-    cfg: DQNConfig
-    env: Any
-    env_params: Any
-    net: QNetwork
-    sync: Any
-    axis: str | None
-
-
 class RunnerState(NamedTuple):
     params: Any
     target_params: Any
@@ -187,7 +178,7 @@ class RunnerState(NamedTuple):
     rng: jax.Array
 
 
-def _act(ctx: _Ctx, params, obs, key, eps):
+def _act(ctx: parallel.AgentContext, params, obs, key, eps):
     cfg = ctx.cfg
     keys = parallel.local_keys(key, cfg.num_envs, cfg.num_devices, ctx.axis)
     greedy = jnp.argmax(ctx.net.apply({"params": params}, obs), -1)
@@ -200,7 +191,7 @@ def _act(ctx: _Ctx, params, obs, key, eps):
     return jax.vmap(explore)(keys, greedy)
 
 
-def _learn(ctx: _Ctx, it, rs: RunnerState, key):
+def _learn(ctx: parallel.AgentContext, it, rs: RunnerState, key):
     cfg = ctx.cfg
     k = parallel.local_keys(key, 1, cfg.num_devices, ctx.axis)[0]
     batch = buffer_sample(rs.buffer, k, cfg.batch_size)
@@ -228,7 +219,7 @@ def transition_end(cfg: DQNConfig, obs, done, info):
     return envs_lib.final_obs(info, cfg.env), info["terminated"]
 
 
-def collect(ctx: _Ctx, rs: RunnerState, it):
+def collect(ctx: parallel.AgentContext, rs: RunnerState, it):
     """Iteration ``it``'s acting half: ε-greedy actions, one step of every env, the transitions
     into the buffer, finished returns into the window. Returns ``(rs, key for the learner)``."""
     cfg = ctx.cfg
@@ -247,7 +238,7 @@ def collect(ctx: _Ctx, rs: RunnerState, it):
     return parallel.after(finished, (rs, k_learn))  # the gather before the gradient sync
 
 
-def _iteration(ctx: _Ctx, rs: RunnerState, it):
+def _iteration(ctx: parallel.AgentContext, rs: RunnerState, it):
     cfg = ctx.cfg
     env_steps = (it + 1) * cfg.steps_per_iter
     rs, k_learn = collect(ctx, rs, it)
@@ -285,14 +276,12 @@ def make_optimizer(cfg: DQNConfig) -> optax.GradientTransformation:
     return optax.apply_if_finite(tx, cfg.max_nonfinite) if cfg.max_nonfinite else tx
 
 
-def make_context(cfg: DQNConfig, axis_name: str = parallel.DATA_AXIS) -> _Ctx:
+def make_context(cfg: DQNConfig, axis_name: str = parallel.DATA_AXIS) -> parallel.AgentContext:
     """What every per-device function reads: config, env, network, sync backend, axis name."""
     validate(cfg)
-    env, env_params = envs_lib.make_env(cfg.env)
-    net = QNetwork(env.action_space(env_params).n, tuple(cfg.hidden))
-    axis = None if cfg.strategy == "single" else axis_name
-    sync = parallel.make_sync(cfg.strategy, make_optimizer(cfg), axis)
-    return _Ctx(cfg, env, env_params, net, sync, axis)
+    return parallel.make_agent_context(
+        cfg, lambda n: QNetwork(n, tuple(cfg.hidden)), make_optimizer(cfg), axis_name
+    )
 
 
 def _device_fns(cfg: DQNConfig, axis_name: str):

@@ -16,7 +16,7 @@ every device must hold bit for bit), which the host loop calls every ``--check_r
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxsync import ConfigError, replicas
+from jaxsync.agents.rl import envs
 from jaxsync.mesh import DATA_AXIS, make_mesh
 from jaxsync.parallel.common import apply_optimizer
 from jaxsync.sync import BACKENDS, SyncBackend, make_backend
@@ -47,6 +48,27 @@ def make_sync(strategy: str, tx, axis_name: str | None) -> SyncBackend:
     if strategy == "single":
         return SyncBackend("single", tx.init, lambda g, s, p: apply_optimizer(tx, g, s, p))
     return make_backend(strategy, tx, axis_name)
+
+
+class AgentContext(NamedTuple):
+    """What every per-device function of an agent reads: config, env, network, sync, axis."""
+
+    cfg: Any
+    env: Any
+    env_params: Any
+    net: Any
+    sync: SyncBackend
+    axis: str | None
+
+
+def make_agent_context(cfg, make_net, tx, axis_name: str | None) -> AgentContext:
+    """The agent context of ``cfg`` (``env``, ``strategy`` fields): its env, the network
+    ``make_net(num_actions)``, and the sync backend of ``tx`` over ``axis_name`` (none for
+    ``single``)."""
+    env, env_params = envs.make_env(cfg.env)
+    net = make_net(env.action_space(env_params).n)
+    axis = None if cfg.strategy == "single" else axis_name
+    return AgentContext(cfg, env, env_params, net, make_sync(cfg.strategy, tx, axis), axis)
 
 
 def device_index(axis_name: str | None):

@@ -232,15 +232,6 @@ def make_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
     return tx
 
 
-class _Ctx(NamedTuple):
-    cfg: PPOConfig
-    env: Any
-    env_params: Any
-    net: ActorCritic
-    sync: Any
-    axis: str | None
-
-
 class RunnerState(NamedTuple):
     params: Any
     opt_state: Any
@@ -250,7 +241,7 @@ class RunnerState(NamedTuple):
     rng: jax.Array
 
 
-def _env_step(ctx: _Ctx, carry, _):
+def _env_step(ctx: parallel.AgentContext, carry, _):
     params, env_state, obs, rng = carry
     cfg = ctx.cfg
     rng, k_act, k_env = jax.random.split(rng, 3)
@@ -281,7 +272,7 @@ def _env_step(ctx: _Ctx, carry, _):
     return (params, env_state, next_obs, rng), t
 
 
-def rollout(ctx: _Ctx, params, env_state, obs, rng):
+def rollout(ctx: parallel.AgentContext, params, env_state, obs, rng):
     """``num_steps`` steps of this device's envs: ``((env_state, obs, rng), traj [T, E])``."""
     (_, env_state, obs, rng), traj = lax.scan(
         partial(_env_step, ctx), (params, env_state, obs, rng), None, ctx.cfg.num_steps
@@ -289,7 +280,7 @@ def rollout(ctx: _Ctx, params, env_state, obs, rng):
     return (env_state, obs, rng), traj
 
 
-def _minibatch_step(ctx: _Ctx, update_idx, carry, mb: Batch):
+def _minibatch_step(ctx: parallel.AgentContext, update_idx, carry, mb: Batch):
     params, opt_state = carry
     cfg = ctx.cfg
     loss_fn = partial(
@@ -306,7 +297,7 @@ def _minibatch_step(ctx: _Ctx, update_idx, carry, mb: Batch):
     return (params, opt_state), {"loss": loss, **metrics}
 
 
-def _epoch(ctx: _Ctx, batch: Batch, update_idx, carry, _):
+def _epoch(ctx: parallel.AgentContext, batch: Batch, update_idx, carry, _):
     params, opt_state, rng = carry
     cfg = ctx.cfg
     rng, k_perm = jax.random.split(rng)
@@ -321,7 +312,7 @@ def _epoch(ctx: _Ctx, batch: Batch, update_idx, carry, _):
     return (params, opt_state, rng), metrics
 
 
-def _update(ctx: _Ctx, rs: RunnerState, update_idx):
+def _update(ctx: parallel.AgentContext, rs: RunnerState, update_idx):
     cfg = ctx.cfg
     (env_state, obs, rng), traj = rollout(ctx, rs.params, rs.env_state, rs.obs, rs.rng)
     _, last_value = ctx.net.apply({"params": rs.params}, obs)
@@ -353,14 +344,12 @@ def _update(ctx: _Ctx, rs: RunnerState, update_idx):
     return RunnerState(params, opt_state, env_state, obs, window, rng), metrics
 
 
-def make_context(cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS) -> _Ctx:
+def make_context(cfg: PPOConfig, axis_name: str = parallel.DATA_AXIS) -> parallel.AgentContext:
     """What every per-device function reads: config, env, network, sync backend, axis name."""
     validate(cfg)
-    env, env_params = envs_lib.make_env(cfg.env)
-    net = ActorCritic(env.action_space(env_params).n, cfg.hidden, cfg.activation)
-    axis = None if cfg.strategy == "single" else axis_name
-    sync = parallel.make_sync(cfg.strategy, make_optimizer(cfg), axis)
-    return _Ctx(cfg, env, env_params, net, sync, axis)
+    return parallel.make_agent_context(
+        cfg, lambda n: ActorCritic(n, cfg.hidden, cfg.activation), make_optimizer(cfg), axis_name
+    )
 
 
 def _device_fns(cfg: PPOConfig, axis_name: str):
