@@ -5,15 +5,13 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
-from jax import lax
+from broken_backends import make_skewed
 
 from jaxsync import ConfigError, sync
 from jaxsync.agents.gan import benchmark
 from jaxsync.agents.gan.train import GANConfig, chunk_boundaries, train_gan
-from jaxsync.parallel.common import apply_optimizer
 from jaxsync.replicas import ReplicaDivergence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,17 +103,6 @@ def test_experiment_rejects_bad_flag_in_one_line(tmp_path):
         "error: unknown dataset 'nope'; choose from ['digits', 'grid25', 'ring8']"
     ]
     assert metrics.read_text() == "earlier run\n"  # nothing already written is lost
-
-
-def make_skewed(tx, axis_name, **_):
-    """A broken backend: every device applies the mean gradient, device 1 a hair more of it."""
-
-    def update(grads, opt_state, params):
-        mean = lax.pmean(grads, axis_name)
-        skew = 1.0 + 1e-3 * (lax.axis_index(axis_name) == 1)
-        return apply_optimizer(tx, jax.tree.map(lambda g: g * skew, mean), opt_state, params)
-
-    return sync.SyncBackend("skewed", tx.init, update)
 
 
 def test_replica_check_stops_a_run_whose_devices_diverge(monkeypatch):

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from broken_backends import make_skewed
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxsync import ConfigError, compression, data, losses, models, optim, sync
-from jaxsync.parallel.common import apply_optimizer
 from jaxsync.parallel.data_parallel import make_data_parallel
 from jaxsync.replicas import ReplicaDivergence, check_replicas
 
@@ -47,17 +47,6 @@ def test_check_names_the_leaf_and_device_that_differ():
     rows = jnp.stack([jnp.zeros(2), jnp.zeros(2), jnp.array([0.0, -0.0])])  # -0.0: other bits
     with pytest.raises(ReplicaDivergence, match="device 2 differs"):
         check_replicas(rows, stacked=True)
-
-
-def make_skewed(tx, axis_name, **_):
-    """A broken backend: every device applies the mean gradient, device 1 a hair more of it."""
-
-    def update(grads, opt_state, params):
-        mean = lax.pmean(grads, axis_name)
-        skew = 1.0 + 1e-3 * (lax.axis_index(axis_name) == 1)
-        return apply_optimizer(tx, jax.tree.map(lambda g: g * skew, mean), opt_state, params)
-
-    return sync.SyncBackend("skewed", tx.init, update)
 
 
 def test_a_diverging_backend_is_caught(monkeypatch):
