@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 from jaxsync import bench, scaling
 
@@ -369,32 +367,13 @@ def render_gan_full(data, json_path, root, report_dir) -> str:
     return benchmark.markdown_table(data["rows"])
 
 
-_RL_TABLES = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("bench_rl", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-with open(sys.argv[2], encoding="utf-8") as f:
-    d = json.load(f)
-module.print_tables(d.get("quality") or [], d.get("speed") or [])
-"""
-
-
 def render_rl_full(data, json_path, root, report_dir) -> str:
-    """The tables of a committed ``bench_rl.py`` JSON, printed by that script's own
-    ``print_tables`` (in a subprocess: the script defines absl flags of its own)."""
-    script = os.path.join(root, "experiments", "bench_rl.py")
-    proc = subprocess.run(
-        [sys.executable, "-c", _RL_TABLES, script, json_path],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    tables = printed_tables(proc.stdout)
-    if proc.returncode != 0 or not tables:
-        lines = (proc.stderr.strip() or "no table printed").splitlines()
-        raise ValueError(f"experiments/bench_rl.py print_tables: {lines[-1]}")
+    """The tables of a committed ``bench_rl.py`` JSON, by the RL module's own renderer."""
+    from jaxsync.agents.rl.runner import markdown_tables
+
+    tables = printed_tables(markdown_tables(data.get("quality") or [], data.get("speed") or []))
+    if not tables:
+        raise ValueError(f"{json_path} holds no quality or speed rows")
     parts = []
     for caption, table in tables:
         parts += ([caption] if caption else []) + [table]
@@ -422,7 +401,7 @@ def render_full_run(run, root: str, report_dir: str) -> str:
             data = json.load(f)
         command = data.get("command") or run.command
         body = FULL_RENDERERS[run.render](data, path, root, report_dir)
-    except (OSError, KeyError, TypeError, ValueError, IndexError, subprocess.SubprocessError) as e:
+    except (OSError, KeyError, TypeError, ValueError, IndexError) as e:
         head.append(f"**FAILED** to render `{run.json_path}`: `{e!r}`")
         return "\n\n".join(head)
     head.append(
