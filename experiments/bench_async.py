@@ -32,7 +32,7 @@ def main(argv):
     if not FLAGS.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {FLAGS.lr}")
     cli.init_runtime()
-    from jaxsync.async_ps import bench
+    from jaxsync.benchmarks import async_ps as bench
 
     steps = 100 if FLAGS.quick else 300
     runs = bench.run_convergence(steps, FLAGS.lr)

@@ -49,7 +49,7 @@ cli.define_device_flags(default_devices=1)
 
 def main(argv):
     cli.init_runtime()
-    from jaxsync.agents.gan import benchmark
+    from jaxsync.benchmarks import gan as benchmark
 
     if "none" in FLAGS.remedies:
         raise ConfigError(

@@ -43,7 +43,7 @@ flags.DEFINE_integer("cpu_devices", 8, "CPU devices to emulate (>= --num_devices
 
 
 def main(argv):
-    from jaxsync import scaling
+    from jaxsync.benchmarks import scaling
 
     batches = tuple(sorted(set(cli.int_list("batch_sizes", FLAGS.batch_sizes))))
     if FLAGS.seeds < 1:

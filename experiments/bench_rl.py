@@ -187,7 +187,7 @@ def plot_curves(curves, path):
 
 
 def print_tables(quality, speed):
-    from jaxsync.agents.rl.runner import markdown_tables
+    from jaxsync.benchmarks.rl import markdown_tables
 
     print(markdown_tables(quality, speed))
 

@@ -43,7 +43,7 @@ flags.DEFINE_integer("cpu_devices", 8, "CPU devices to emulate (>= max of --devi
 
 
 def main(argv):
-    from jaxsync import scaling
+    from jaxsync.benchmarks import scaling
 
     devices = tuple(sorted(set(cli.int_list("devices", FLAGS.devices))))
     quick = FLAGS.quick

@@ -64,7 +64,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv):
-    from jaxsync import bench, benchsuite
+    from jaxsync.benchmarks import common
+    from jaxsync.benchmarks import suite as benchsuite
 
     mode = "smoke" if FLAGS.smoke else "quick" if FLAGS.quick else "full"
     timeout = FLAGS.section_timeout or (7200.0 if mode == "full" else 900.0)
@@ -81,7 +82,7 @@ def main(argv):
     benchsuite.validate(cfg)
     inherited = os.environ.get("XLA_FLAGS")
     cli.init_runtime()
-    machine = bench.describe_machine()
+    machine = common.describe_machine()
     # Each section sets its own device count: hand the children the environment we were given.
     if inherited is None:
         os.environ.pop("XLA_FLAGS", None)

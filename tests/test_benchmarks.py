@@ -11,10 +11,13 @@ import sys
 import numpy as np
 import pytest
 
-from jaxsync import ConfigError, bench, benchrender, benchsuite, scaling
+from jaxsync import ConfigError
+from jaxsync.benchmarks import common, scaling
+from jaxsync.benchmarks import render as benchrender
+from jaxsync.benchmarks import suite as benchsuite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MACHINE = bench.Machine("cpu", 2, "cpu", 8, "cpu", "3", {"jax": "x"}, (1.0, 1.0, 1.0))
+MACHINE = common.Machine("cpu", 2, "cpu", 8, "cpu", "3", {"jax": "x"}, (1.0, 1.0, 1.0))
 
 
 def test_alpha_beta_fit_recovers_the_model():
@@ -23,9 +26,9 @@ def test_alpha_beta_fit_recovers_the_model():
         points = []
         for n in (2, 4, 8):
             for s in (4096, 65536, 1 << 20):
-                steps, sent = bench.ALLREDUCE_COSTS[backend](n, s)
+                steps, sent = common.ALLREDUCE_COSTS[backend](n, s)
                 points.append((n, s, alpha * steps + beta * sent))
-        fit = bench.fit_alpha_beta(backend, points)
+        fit = common.fit_alpha_beta(backend, points)
         assert fit.alpha_s == pytest.approx(alpha, rel=1e-6)
         assert fit.bandwidth_gbs == pytest.approx(5.0, rel=1e-6)
         assert fit.rms_rel_error < 1e-9
@@ -33,9 +36,9 @@ def test_alpha_beta_fit_recovers_the_model():
 
 
 def test_cost_model_formulas():
-    assert bench.ALLREDUCE_COSTS["ring"](8, 800) == (14, 1400)
-    assert bench.ALLREDUCE_COSTS["ps"](4, 100) == (6, 600)
-    assert bench.ALLREDUCE_COSTS["psum"](8, 800) == (6, 1400)
+    assert common.ALLREDUCE_COSTS["ring"](8, 800) == (14, 1400)
+    assert common.ALLREDUCE_COSTS["ps"](4, 100) == (6, 600)
+    assert common.ALLREDUCE_COSTS["psum"](8, 800) == (6, 1400)
 
 
 def test_nonnegative_fit_matches_scipy_nnls():
@@ -47,20 +50,20 @@ def test_nonnegative_fit_matches_scipy_nnls():
     for a, t in cases:
         w = rng.uniform(0.5, 2.0, len(t))
         expected = nnls(a * w[:, None], t * w)[0]
-        np.testing.assert_allclose(bench.nonneg_lstsq_2(a, t, w), expected, atol=1e-9)
-    assert bench.nonneg_lstsq_2(*cases[0], np.ones(3))[0] == 0.0
+        np.testing.assert_allclose(common.nonneg_lstsq_2(a, t, w), expected, atol=1e-9)
+    assert common.nonneg_lstsq_2(*cases[0], np.ones(3))[0] == 0.0
 
 
 def test_markdown_table_and_fmt():
-    text = bench.markdown_table(["name", "x"], [["a", 1.23456], ["b", None]])
+    text = common.markdown_table(["name", "x"], [["a", 1.23456], ["b", None]])
     lines = text.splitlines()
     assert lines[0] == "| name | x |"
     assert lines[1] == "|---|---:|"
     assert lines[2] == "| a | 1.23 |"
     assert lines[3] == "| b | – |"
-    assert bench.fmt(float("nan")) == "–" and bench.fmt(math.inf) == "∞"
+    assert common.fmt(float("nan")) == "–" and common.fmt(math.inf) == "∞"
     with pytest.raises(ValueError):
-        bench.markdown_table(["a"], [[1, 2]])
+        common.markdown_table(["a"], [[1, 2]])
 
 
 def test_printed_tables_skips_progress_rows_without_header():
@@ -73,7 +76,7 @@ def test_printed_tables_skips_progress_rows_without_header():
 
 
 def test_scaling_efficiency_and_lsr_runs():
-    assert bench.scaling_efficiency(300.0, 100.0, 4) == pytest.approx(0.75)
+    assert common.scaling_efficiency(300.0, 100.0, 4) == pytest.approx(0.75)
     cfg = scaling.LSRConfig(
         batch_sizes=(32, 128), base_batch=32, base_lr=0.1, epochs=3, warmup_epochs=1
     )

@@ -10,8 +10,8 @@ import pytest
 from broken_backends import make_skewed
 
 from jaxsync import ConfigError, sync
-from jaxsync.agents.gan import benchmark
 from jaxsync.agents.gan.train import GANConfig, chunk_boundaries, train_gan
+from jaxsync.benchmarks import gan as benchmark
 from jaxsync.replicas import ReplicaDivergence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -209,38 +209,3 @@ def train_and_log(cfg: RunConfig) -> dict:
     writer.write(to_python(summary))
     writer.close()
     return summary
-
-
-def markdown_tables(quality: list[dict], speed: list[dict]) -> str:
-    """The quality and speed tables of ``experiments/bench_rl.py``'s JSON rows, as markdown (the
-    script prints them; the benchmark report renders committed JSON with them)."""
-    out = []
-    if quality:
-        out.append(
-            "\n| config | reached 475 | solved at end | first reached 475 at (env steps) "
-            "| final mean return | best | env steps/s (all seeds) | compile s |\n"
-            "|---|---|---|---|---|---|---|---|"
-        )
-        for r in quality:
-            n = len(r["final_mean_return_per_seed"])
-            fin = ", ".join(f"{x:.0f}" for x in r["final_mean_return_per_seed"])
-            best = ", ".join(f"{x:.0f}" for x in r["best_mean_return_per_seed"])
-            out.append(
-                f"| {r['config']} | {r['seeds_solved']}/{n} | {r['solved_at_end']}/{n} | "
-                f"{r['solved_at_per_seed']} | {fin} | {best} | "
-                f"{r['total_env_steps_per_s']:,.0f} | {r['compile_s']:.0f} |"
-            )
-    if speed:
-        out.append(
-            "\n| devices | strategy | rollout (dev x envs x steps) | updates | optimizer steps "
-            "| env steps/s | vs 1 device | run s | compile s |\n"
-            "|---|---|---|---|---|---|---|---|---|"
-        )
-        for r in speed:
-            out.append(
-                f"| {r['devices']} | {r['strategy']} | {r['rollout']} | {r['updates']} | "
-                f"{r['opt_steps']} | "
-                f"{r['env_steps_per_s']:,.0f} | {r['vs_1_device']:.2f} | {r['run_s']:.1f} | "
-                f"{r['compile_s']:.0f} |"
-            )
-    return "\n".join(out)

@@ -37,6 +37,7 @@ from jaxsync.agents.gan.train import (
     save_picture,
     validate,
 )
+from jaxsync.benchmarks import common
 
 # (dataset, method) -> {metric: (mean, standard error)}
 PUBLISHED = {
@@ -181,24 +182,23 @@ def published_cell(dataset: str, method: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """Our mean ± s.e. beside PacGAN's Table 1 (toys), or the digit scores."""
-    lines = [
-        "| dataset | method | steps | seeds | modes | HQ % | reverse KL | published "
-        "(PacGAN Table 1) modes / HQ % / rKL |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    headers = ["dataset", "method", "steps", "seeds", "modes", "HQ %", "reverse KL"]
+    headers.append("published (PacGAN Table 1) modes / HQ % / rKL")
+    body = []
     for r in rows:
-        head = f"| {r['dataset']} | {r['method']} | {r['steps']} | {r['seeds']} | "
+        head = [r["dataset"], r["method"], str(r["steps"]), str(r["seeds"])]
         if "modes" in r:
-            lines.append(
-                head + f"{_cell(r, 'modes')} | {_cell(r, 'hq_percent')} | "
-                f"{_cell(r, 'reverse_kl', 2)} | {published_cell(r['dataset'], r['method'])} |"
-            )
+            tail = [_cell(r, "modes"), _cell(r, "hq_percent"), _cell(r, "reverse_kl", 2)]
+            tail.append(published_cell(r["dataset"], r["method"]))
         else:
-            lines.append(
-                head + f"classes {_cell(r, 'classes')} of 10 | confidence "
-                f"{_cell(r, 'confidence', 2)} | class KL {_cell(r, 'class_kl', 2)} | — |"
-            )
-    return "\n".join(lines)
+            tail = [
+                f"classes {_cell(r, 'classes')} of 10",
+                f"confidence {_cell(r, 'confidence', 2)}",
+                f"class KL {_cell(r, 'class_kl', 2)}",
+                "—",
+            ]
+        body.append(head + tail)
+    return common.markdown_table(headers, body)
 
 
 # Per-data-set settings (GANConfig fields) the benchmark runs with, from a search on this CPU

@@ -25,7 +25,8 @@ import subprocess
 import sys
 import time
 
-from jaxsync import bench, benchrender
+from jaxsync.benchmarks import common
+from jaxsync.benchmarks import render as benchrender
 
 MODES = ("smoke", "quick", "full")
 _ERROR_LINE = re.compile(r"^(error|fatal)\b|^\w+(\.\w+)*(Error|Exception|Exit)\b|FATAL", re.I)
@@ -36,7 +37,7 @@ class Section:
     """One benchmark script: its arguments per mode and where it writes its JSON.
 
     ``output_args`` holds ``{results}`` placeholders filled with the results folder; ``render``
-    names a function of :mod:`jaxsync.benchrender` (``generic`` embeds the tables it printed).
+    names a function of :mod:`jaxsync.benchmarks.render` (``generic`` embeds the tables it printed).
     """
 
     key: str
@@ -198,7 +199,7 @@ SECTION_KEYS = tuple(s.key for s in SECTIONS)
 class FullRun:
     """A committed result of a run too long for the suite: its JSON, and the command that wrote
     it (a ``command`` key in the JSON, when there is one, takes precedence). ``render`` names a
-    function of :mod:`jaxsync.benchrender`."""
+    function of :mod:`jaxsync.benchmarks.render`."""
 
     key: str
     title: str
@@ -418,7 +419,7 @@ def validate(cfg: SuiteConfig) -> None:
         raise ConfigError(f"--section_timeout must be > 0, got {cfg.timeout_s}")
 
 
-def run_suite(cfg: SuiteConfig, machine: bench.Machine, log=print) -> list[SectionResult]:
+def run_suite(cfg: SuiteConfig, machine: common.Machine, log=print) -> list[SectionResult]:
     """Run the selected sections in order (one at a time: they time things), write the report."""
     validate(cfg)
     results_dir = os.path.abspath(cfg.results_dir)

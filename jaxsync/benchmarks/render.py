@@ -1,11 +1,11 @@
 """Rendering BENCHMARKS.md: one markdown section (tables, PNG plots) per benchmark result.
 
 Every number comes from a section's JSON or from the markdown tables its script printed in the
-same run, or, for the full-length runs (:data:`jaxsync.benchsuite.FULL_RUNS`), from committed JSON
-named beside its table; nothing here holds a measured figure. Published references (Goyal et al.
-2017) are constants in :mod:`jaxsync.scaling` and are labelled as such. Columns computed from a
-formula or a fitted model rather than timed say so in their header ("(model)", "(counted)",
-"(formula)").
+same run, or, for the full-length runs (:data:`jaxsync.benchmarks.suite.FULL_RUNS`), from
+committed JSON named beside its table; nothing here holds a measured figure. Published references
+(Goyal et al. 2017) are constants in :mod:`jaxsync.benchmarks.scaling` and are labelled as such.
+Columns computed from a formula or a fitted model rather than timed say so in their header
+("(model)", "(counted)", "(formula)").
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import os
 import re
 
-from jaxsync import bench, scaling
+from jaxsync.benchmarks import common, scaling
 
 ALLREDUCE_INTRO = (
     "XLA's built-in `psum`, jaxsync's ppermute ring and a parameter server (gather to device 0, "
@@ -82,9 +82,9 @@ def _backends(rows):
 def fit_allreduce(rows) -> dict:
     """``{backend: AlphaBeta}`` fitted to every measured point of each backend with a cost model."""
     return {
-        b: bench.fit_alpha_beta(b, [(r["devices"], r["bytes"], r[b]["us"] * 1e-6) for r in rows])
+        b: common.fit_alpha_beta(b, [(r["devices"], r["bytes"], r[b]["us"] * 1e-6) for r in rows])
         for b in _backends(rows)
-        if b in bench.ALLREDUCE_COSTS
+        if b in common.ALLREDUCE_COSTS
     }
 
 
@@ -116,19 +116,19 @@ def render_allreduce(result, results_dir, report_dir) -> str:
     _plot_allreduce(rows, backends, fits, png)
     parts = [
         "Bandwidth (median of repeats):",
-        bench.markdown_table(bw_headers, bw),
+        common.markdown_table(bw_headers, bw),
         "α–β model fitted to the measurements (fitted parameters, not measured directly):",
-        bench.markdown_table(["backend", "α µs", "1/β GB/s", "RMS relative error %"], fit_rows),
+        common.markdown_table(["backend", "α µs", "1/β GB/s", "RMS relative error %"], fit_rows),
         "Measured time beside the model's prediction:",
-        bench.markdown_table(time_headers, times),
+        common.markdown_table(time_headers, times),
         "busbw relative to psum, measured in the same run:",
-        bench.markdown_table(["N", "size / device"] + ratios, ratio_rows),
+        common.markdown_table(["N", "size / device"] + ratios, ratio_rows),
     ]
     if "ring1/ring" in rows[0]:
         parts += [
             "One ring against two (time of `ring1` over time of `ring`, measured in the same run; "
             "above 1: the two rings take less time):",
-            bench.markdown_table(
+            common.markdown_table(
                 ["N", "size / device", "ring1/ring (wall)", "ring1/ring (process CPU)"],
                 [
                     [r["devices"], _human_bytes(r["bytes"]), r["ring1/ring"], r["ring1/ring_cpu"]]
@@ -205,7 +205,7 @@ def render_lsr(result, results_dir, report_dir) -> str:
         f"{n_test} test examples, so one run's error has a resolution of {100 / n_test:.2g} %."
     )
     diverged = [f"B={r['batch']} {r['variant']} (seed {r['seed']})" for r in rows if r["diverged"]]
-    ref = bench.markdown_table(
+    ref = common.markdown_table(
         ["global batch", "learning-rate scheme", "top-1 error %"],
         [list(r) for r in scaling.GOYAL_TABLE],
     )
@@ -362,14 +362,14 @@ _EMULATION_NOTE = (
 
 def render_gan_full(data, json_path, root, report_dir) -> str:
     """The GAN table of a committed ``bench_gan.py`` JSON, by the GAN module's own renderer."""
-    from jaxsync.agents.gan import benchmark
+    from jaxsync.benchmarks import gan as benchmark
 
     return benchmark.markdown_table(data["rows"])
 
 
 def render_rl_full(data, json_path, root, report_dir) -> str:
     """The tables of a committed ``bench_rl.py`` JSON, by the RL module's own renderer."""
-    from jaxsync.agents.rl.runner import markdown_tables
+    from jaxsync.benchmarks.rl import markdown_tables
 
     tables = printed_tables(markdown_tables(data.get("quality") or [], data.get("speed") or []))
     if not tables:
@@ -434,7 +434,7 @@ def render_report(
     report_dir = os.path.dirname(os.path.abspath(cfg.report_path))
     sections = [render_section(r, results_dir, report_dir) for r in results]
     full = render_full_runs(full_runs, cfg.root, report_dir)
-    status = bench.markdown_table(
+    status = common.markdown_table(
         ["section", "status", "seconds", "error"],
         [[r.section.key, r.status, round(r.seconds, 1), r.error or ""] for r in results],
     )

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jaxsync import ConfigError, bench, check_at_least, sync
+from jaxsync import ConfigError, check_at_least, sync
+from jaxsync.benchmarks import common
 
 STRONG, WEAK = "strong", "weak"
 
@@ -61,7 +62,7 @@ def validate_scaling(cfg: ScalingConfig) -> None:
 
 
 def _time_strategy(cfg, ds, loss_fn, tx, model_init, backend, n, batch_size):
-    """:class:`bench.Timing` of one data-parallel step on a global batch of ``batch_size``."""
+    """:class:`common.Timing` of one data-parallel step on a global batch of ``batch_size``."""
     import jax
     import jax.numpy as jnp
 
@@ -71,7 +72,7 @@ def _time_strategy(cfg, ds, loss_fn, tx, model_init, backend, n, batch_size):
     state = strategy.init(jax.random.key(cfg.seed), jnp.asarray(ds.x_train[:1]))
     batch = strategy.put_batch(ds.batch(0, batch_size, cfg.seed))
     # The first call compiles, so at least one untimed call whatever cfg.warmup says.
-    return bench.time_calls(
+    return common.time_calls(
         strategy.step,
         (state, batch),
         warmup=max(cfg.warmup, 1),
@@ -118,7 +119,7 @@ def run_scaling(cfg: ScalingConfig, log=print) -> list[dict]:
                 }
                 base = base or row
                 row["speedup"] = row["examples_per_s"] / base["examples_per_s"]
-                row["efficiency"] = bench.scaling_efficiency(
+                row["efficiency"] = common.scaling_efficiency(
                     row["examples_per_s"], base["examples_per_s"], n, base["devices"]
                 )
                 rows.append(row)
@@ -162,7 +163,7 @@ def scaling_table(rows: list[dict], mode: str) -> str:
                 r["efficiency"],
             ]
         )
-    return bench.markdown_table(headers, body)
+    return common.markdown_table(headers, body)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +324,7 @@ def lsr_table(rows: list[dict]) -> str:
             diverged = sum(r["diverged"] for r in runs)
             cells.append(cell + (f" ({diverged} diverged)" if diverged else ""))
         body.append(cells)
-    return bench.markdown_table(headers, body, digits=4)
+    return common.markdown_table(headers, body, digits=4)
 
 
 # Goyal et al. 2017, Table 1 (ResNet-50 on ImageNet, 90 epochs, η = 0.1·kn/256; top-1 validation
