@@ -83,7 +83,7 @@ def memory_rows():
 
     from jaxsync import data, losses, models, optim
     from jaxsync.parallel.data_parallel import make_data_parallel
-    from jaxsync.parallel.zero import state_bytes_per_device
+    from jaxsync.sync.zero import state_bytes_per_device
 
     cfg = _base()
     ds = data.load_dataset(cfg.dataset, cfg.seed)

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from broken_backends import make_skewed
+from broken_backends import SKEWED
 
 from jaxsync import ConfigError, sync
 from jaxsync.agents.gan.train import GANConfig, chunk_boundaries, train_gan
@@ -106,7 +106,7 @@ def test_experiment_rejects_bad_flag_in_one_line(tmp_path):
 
 
 def test_replica_check_stops_a_run_whose_devices_diverge(monkeypatch):
-    monkeypatch.setitem(sync.BACKENDS, "skewed", make_skewed)
+    monkeypatch.setitem(sync.BACKENDS, "skewed", SKEWED)
     cfg = GANConfig(
         strategy="skewed", num_devices=2, check_replicas=2, plot_dir="", **{**TINY, "steps": 2}
     )

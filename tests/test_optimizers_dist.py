@@ -12,9 +12,8 @@ import pytest
 
 from jaxsync import compression, data, losses, models, precision
 from jaxsync.collectives import DEFAULT_BUCKET_BYTES, flatten_to_buckets
-from jaxsync.parallel import zero
 from jaxsync.parallel.data_parallel import make_data_parallel, make_single
-from jaxsync.sync import gradient_bytes_per_step
+from jaxsync.sync import gradient_bytes_per_step, zero
 
 N, BATCH, STEPS = 4, 32, 4
 DS = data.teacher(seed=0, n=1200)

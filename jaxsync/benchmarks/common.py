@@ -155,31 +155,15 @@ def markdown_table(headers, rows, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-# Sequential message rounds and bytes sent by the busiest device, for an all-reduce of S bytes per
-# device over N devices (Thakur et al. 2005, section 4; Patarasuk & Yuan 2009 for the ring).
-def _ring_cost(n, s):
-    return 2 * (n - 1), 2 * (n - 1) / n * s
+def allreduce_costs() -> dict:
+    """Backend name -> ``(N, S) -> (rounds, bytes the busiest device sends)`` for an all-reduce of
+    S bytes per device (each registry entry's ``cost``; Thakur et al. 2005, section 4), plus
+    ``ring1``, the ring with one ring instead of two (the same rounds and bytes)."""
+    from jaxsync import sync
 
-
-def _rabenseifner_cost(n, s):
-    # Recursive-halving reduce-scatter + recursive-doubling all-gather: the latency- and
-    # bandwidth-optimal pair, our model for XLA's built-in psum (whose algorithm is not ours).
-    return 2 * math.ceil(math.log2(n)), 2 * (n - 1) / n * s
-
-
-def _ps_cost(n, s):
-    # Gather to the server, then broadcast: it receives and sends (N - 1)·S, one peer per round.
-    return 2 * (n - 1), 2 * (n - 1) * s
-
-
-# "ring1" is the ring with one ring instead of two (collectives.ring_all_reduce(rings=1)): the same
-# steps and bytes per device.
-ALLREDUCE_COSTS = {
-    "psum": _rabenseifner_cost,
-    "ring": _ring_cost,
-    "ring1": _ring_cost,
-    "ps": _ps_cost,
-}
+    costs = {name: b.cost for name, b in sync.BACKENDS.items()}
+    costs["ring1"] = costs["ring"]
+    return costs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +176,7 @@ class AlphaBeta:
     rms_rel_error: float
 
     def predict(self, n: int, size: float) -> float:
-        steps, sent = ALLREDUCE_COSTS[self.backend](n, size)
+        steps, sent = allreduce_costs()[self.backend](n, size)
         return self.alpha_s * steps + self.beta_s_per_byte * sent
 
     @property
@@ -227,12 +211,12 @@ def fit_alpha_beta(backend: str, points) -> AlphaBeta:
     Least squares on the *relative* error (each row weighted by 1/T), so microsecond latencies at
     small sizes count as much as the millisecond transfers at large ones.
     """
-    if backend not in ALLREDUCE_COSTS:
+    if backend not in allreduce_costs():
         raise ValueError(f"no cost model for backend {backend!r}")
     pts = [(n, s, t) for n, s, t in points if t > 0]
     if len(pts) < 2:
         raise ValueError(f"need >= 2 timed points to fit {backend}, got {len(pts)}")
-    a = np.array([ALLREDUCE_COSTS[backend](n, s) for n, s, _ in pts], dtype=np.float64)
+    a = np.array([allreduce_costs()[backend](n, s) for n, s, _ in pts], dtype=np.float64)
     t = np.array([p[2] for p in pts], dtype=np.float64)
     alpha, beta = nonneg_lstsq_2(a, t, 1.0 / t)
     rel = (a @ np.array([alpha, beta]) - t) / t

@@ -84,7 +84,7 @@ def fit_allreduce(rows) -> dict:
     return {
         b: common.fit_alpha_beta(b, [(r["devices"], r["bytes"], r[b]["us"] * 1e-6) for r in rows])
         for b in _backends(rows)
-        if b in common.ALLREDUCE_COSTS
+        if b in common.allreduce_costs()
     }
 
 
@@ -110,7 +110,7 @@ def render_allreduce(result, results_dir, report_dir) -> str:
     fit_rows = [
         [b, f.alpha_s * 1e6, f.bandwidth_gbs, 100 * f.rms_rel_error] for b, f in fits.items()
     ]
-    ratios = [k for k in ("ring/psum", "ring1/psum", "ps/psum") if k in rows[0]]
+    ratios = [k for k in rows[0] if k.endswith("/psum")]
     ratio_rows = [[r["devices"], _human_bytes(r["bytes"])] + [r[k] for k in ratios] for r in rows]
     png = os.path.join(results_dir, "allreduce_busbw.png")
     _plot_allreduce(rows, backends, fits, png)

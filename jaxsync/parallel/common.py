@@ -8,9 +8,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxsync.replicas import check_replicas
+from jaxsync.sync.base import apply_optimizer  # noqa: F401  (strategies import it from here)
 
 
 class TrainState(NamedTuple):
@@ -44,12 +44,6 @@ class Strategy(NamedTuple):
     params: Callable
     num_devices: int
     check_replicas: Callable = lambda state: check_replicas(state.params)
-
-
-def apply_optimizer(tx, grads, opt_state, params):
-    """One optax step: ``(grads, opt_state, params) -> (params, opt_state)``."""
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
 
 
 def init_state(model_init, tx, rng, sample_x) -> TrainState:

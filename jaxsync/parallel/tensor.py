@@ -34,22 +34,17 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsync import ConfigError, collectives, data, losses, models
+from jaxsync import ConfigError, data, losses, models
 from jaxsync.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, put_global_batch
 from jaxsync.models.transformer import TensorSplit
 from jaxsync.parallel.common import Strategy, TrainState, init_state
 from jaxsync.parallel.data_parallel import make_device_step
-from jaxsync.sync import backend_names, make_backend
+from jaxsync.sync import BACKENDS, make_backend
 
-# The model-axis all-reduce of each sync backend that has one inside a layer. The parameter server
-# has none: it averages on one device and broadcasts, which is no sum for Megatron's f and g.
-_ALL_REDUCES = {
-    "psum": lambda axis: lambda x: lax.psum(x, axis),
-    "ring": lambda axis: lambda x: collectives.ring_all_reduce(x, axis),
-}
 # --tp_collective choices: the registered sync backends (the data-axis sync of dp_tp uses the same
-# name) that have a tensor-parallel all-reduce.
-TP_COLLECTIVES = tuple(name for name in backend_names() if name in _ALL_REDUCES)
+# name) whose all-reduce can be Megatron's f and g inside a layer (``Backend.in_layer``; not the
+# parameter server, which averages on one device and broadcasts).
+TP_COLLECTIVES = tuple(name for name, b in BACKENDS.items() if b.in_layer)
 
 # Parameter name -> the dimension split over the model axis; every other parameter is replicated.
 SPLIT_DIMS = {
@@ -68,7 +63,7 @@ def _all_reduce(axis: str, collective: str):
         raise ConfigError(
             f"unknown tensor-parallel collective {collective!r}; choose from {list(TP_COLLECTIVES)}"
         )
-    return _ALL_REDUCES[collective](axis)
+    return lambda x: BACKENDS[collective].all_reduce(x, axis)
 
 
 def make_split(axis: str, shards: int, collective: str = "psum") -> TensorSplit:

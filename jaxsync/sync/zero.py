@@ -33,29 +33,7 @@ import optax
 from jax import lax
 
 from jaxsync import ConfigError, collectives
-
-
-class Collectives(NamedTuple):
-    """The reduce-scatter (mean, 1-D, tiled) and all-gather (1-D, tiled) a sharded update uses."""
-
-    reduce_scatter_mean: Callable[[jax.Array, str], jax.Array]
-    all_gather: Callable[[jax.Array, str], jax.Array]
-
-
-def _xla_reduce_scatter_mean(x, axis_name):
-    return lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=True) / lax.axis_size(
-        axis_name
-    )
-
-
-COLLECTIVES = {
-    "xla": Collectives(
-        _xla_reduce_scatter_mean, lambda x, a: lax.all_gather(x, a, axis=0, tiled=True)
-    ),
-    "ring": Collectives(
-        lambda x, a: collectives.ring_reduce_scatter(x, a, mean=True), collectives.ring_all_gather
-    ),
-}
+from jaxsync.sync.base import Collectives
 
 
 class ShardedOptimizer(NamedTuple):
@@ -93,7 +71,7 @@ def shard_optimizer(
     tx: optax.GradientTransformation,
     axis_name: str,
     *,
-    collective: str = "xla",
+    collective: Collectives,
     bucket_bytes: int | None = collectives.DEFAULT_BUCKET_BYTES,
     clip_norm: float = 0.0,
 ) -> ShardedOptimizer:
@@ -102,18 +80,16 @@ def shard_optimizer(
     Args:
       tx: an element-wise optax transformation (checked by :func:`check_elementwise`).
       axis_name: the data-parallel axis.
-      collective: ``xla`` (``lax.psum_scatter`` / ``lax.all_gather``) or ``ring`` (the
-        hand-written ring of :mod:`jaxsync.collectives`).
+      collective: the sync backend's reduce-scatter (mean) and all-gather
+        (:attr:`jaxsync.sync.base.Backend.zero`).
       bucket_bytes: bucket size for packing the parameters (as in ``flatten_to_buckets``).
       clip_norm: clip the mean gradient to this global norm first; 0 disables.
 
     Returns:
       A :class:`ShardedOptimizer`; its state holds each device's slices only.
     """
-    if collective not in COLLECTIVES:
-        raise ConfigError(f"unknown collective {collective!r}; choose from {sorted(COLLECTIVES)}")
     check_elementwise(tx)
-    comm = COLLECTIVES[collective]
+    comm = collective
 
     def pack(tree):
         return collectives.flatten_to_buckets(
