@@ -10,7 +10,7 @@ import importlib
 
 from jaxsync import ConfigError
 
-MODULES = ("psum", "ring", "ps")
+MODULES = ("psum", "ring", "ps", "halving_doubling")
 
 BACKENDS = {
     b.name: b for b in (importlib.import_module(f"jaxsync.sync.{m}").BACKEND for m in MODULES)
