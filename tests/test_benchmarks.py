@@ -22,7 +22,7 @@ MACHINE = common.Machine("cpu", 2, "cpu", 8, "cpu", "3", {"jax": "x"}, (1.0, 1.0
 
 def test_alpha_beta_fit_recovers_the_model():
     alpha, beta = 20e-6, 1 / 5e9  # 20 µs per step, 5 GB/s
-    for backend in ("psum", "ring", "ps"):
+    for backend in common.allreduce_costs():
         points = []
         for n in (2, 4, 8):
             for s in (4096, 65536, 1 << 20):
@@ -39,6 +39,9 @@ def test_cost_model_formulas():
     assert common.allreduce_costs()["ring"](8, 800) == (14, 1400)
     assert common.allreduce_costs()["ps"](4, 100) == (6, 600)
     assert common.allreduce_costs()["psum"](8, 800) == (6, 1400)
+    # Halving-doubling: 2·log2(p) rounds; N = 6 folds 2 pairs into p = 4 (+2 rounds, +S bytes).
+    assert common.allreduce_costs()["halving_doubling"](8, 800) == (6, 1400)
+    assert common.allreduce_costs()["halving_doubling"](6, 800) == (6, 2000)
 
 
 def test_nonnegative_fit_matches_scipy_nnls():

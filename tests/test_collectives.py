@@ -14,27 +14,25 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxsync import collectives as C
+from jaxsync import sync
 
 AXIS = "data"
 SIZES = (1, 2, 3, 8)  # 1: no-op ring; 3: uneven; 2 and 8: powers of two (4 adds nothing new)
 FRONTENDS = ("shard_map", "pmap")
 CHUNK = 6  # reduce-scatter / all-gather: every device holds N * CHUNK elements
-# (algorithm, name, mean, bucket_bytes): one bucket per dtype, tiny buckets (a few leaves each), or
-# one leaf per bucket. The parameter server shares the bucketing code, so it gets two of them; the
-# single ring (rings=1) one.
-ALL_REDUCE_CASES = (
-    ("ring", "sum_bucketed", False, C.DEFAULT_BUCKET_BYTES),
-    ("ring", "mean_small_buckets", True, 64),
-    ("ring", "sum_unbucketed", False, None),
-    ("ring1", "mean_small_buckets", True, 64),
-    ("ps", "sum_bucketed", False, C.DEFAULT_BUCKET_BYTES),
-    ("ps", "mean_small_buckets", True, 64),
-)
-ALGORITHMS = {
-    "ring": C.ring_all_reduce,
-    "ring1": functools.partial(C.ring_all_reduce, rings=1),
-    "ps": C.ps_all_reduce,
-}
+# Every registered sync backend's all-reduce (psum is the reference) and the single ring (rings=1).
+ALGORITHMS = {name: b.all_reduce for name, b in sync.BACKENDS.items() if name != "psum"}
+ALGORITHMS["ring1"] = functools.partial(C.ring_all_reduce, rings=1)
+# (algorithm, name, mean, bucket_bytes): one bucket per dtype or tiny buckets (a few leaves each)
+# for every algorithm, and one leaf per bucket for the ring.
+ALL_REDUCE_CASES = tuple(
+    (algo, name, mean, bucket_bytes)
+    for algo in ALGORITHMS
+    for name, mean, bucket_bytes in (
+        ("sum_bucketed", False, C.DEFAULT_BUCKET_BYTES),
+        ("mean_small_buckets", True, 64),
+    )
+) + (("ring", "sum_unbucketed", False, None),)
 
 
 def _tree(rng):
@@ -116,6 +114,32 @@ def _assert_tree_close(ours, ref, n):
         assert a.shape == b.shape and a.dtype == b.dtype
         rtol, atol = _tolerance(a.dtype, n)
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol, atol)
+
+
+@functools.cache
+def _odd_sizes(n):
+    """Every backend's all-reduce at N = 5, 6, 7 (N − 2^⌊log₂N⌋ = 1, 2, 3 devices left over), one
+    shard_map program per N."""
+    mesh = jax.sharding.Mesh(jax.devices()[:n], (AXIS,))
+    tree = jax.tree.map(lambda v: v[:n], _inputs(8)["tree"])
+
+    def blocked(block):
+        t = jax.tree.map(lambda v: v[0], block)
+        out = {name: fn(t, AXIS, mean=True, bucket_bytes=64) for name, fn in ALGORITHMS.items()}
+        out["psum"] = lax.pmean(t, AXIS)
+        return jax.tree.map(lambda v: v[None], out)
+
+    fn = jax.jit(
+        jax.shard_map(blocked, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS), check_vma=False)
+    )
+    return jax.tree.map(np.asarray, fn(tree))
+
+
+@pytest.mark.parametrize("n", [5, 6, 7])
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+def test_all_reduce_matches_psum_at_odd_sizes(n, algo):
+    out = _odd_sizes(n)
+    _assert_tree_close(out[algo], out["psum"], n)
 
 
 grid = pytest.mark.parametrize("frontend", FRONTENDS)
