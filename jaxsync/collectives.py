@@ -1,5 +1,6 @@
-"""Hand-written collectives on `lax.ppermute`: ring reduce-scatter / all-gather / all-reduce, a
-parameter-server reduction, and the pytree bucketing they share.
+"""Hand-written collectives on `lax.ppermute`: ring reduce-scatter / all-gather / all-reduce, and
+the pytree bucketing every hand-written backend shares (the parameter server's push and pull are in
+:mod:`jaxsync.sync.ps`, halving-doubling in :mod:`jaxsync.sync.halving_doubling`).
 
 Every function here runs *inside* `jax.shard_map` (use `check_vma=False`) or `jax.pmap` and takes
 the name of a mapped axis; N = `lax.axis_size(axis_name)` may be any integer >= 1.
@@ -24,10 +25,7 @@ Bucketing (Horovod's Tensor Fusion; PyTorch DDP gradient buckets, Li et al. 2020
 Distributed: Experiences on Accelerating Data Parallel Training"): many small leaves are packed into
 a few contiguous buffers so the per-message latency is paid per bucket, not per leaf.
 
-Parameter server (Li et al. 2014, "Scaling Distributed Machine Learning with the Parameter
-Server"): workers push their buffer to one server device, which reduces and pushes the result back.
-
-Accumulation dtype: sums of float16/bfloat16 are accumulated in float32 (see `_accum_dtype`) and
+Accumulation dtype: sums of float16/bfloat16 are accumulated in float32 (see `accum_dtype`) and
 rounded to the input dtype once, at the end; the reduce-scatter therefore sends float32 partial
 sums for low-precision buckets (twice the bytes) while the all-gather sends the input dtype. Every
 other dtype is accumulated in itself.
@@ -51,10 +49,8 @@ DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
-    "broadcast_from_server",
+    "accum_dtype",
     "flatten_to_buckets",
-    "gather_to_server",
-    "ps_all_reduce",
     "ring_all_gather",
     "ring_all_reduce",
     "ring_reduce_scatter",
@@ -134,7 +130,7 @@ def flatten_to_buckets(
     return buckets, unflatten
 
 
-def _accum_dtype(dtype) -> jnp.dtype:
+def accum_dtype(dtype) -> jnp.dtype:
     """float16/bfloat16 sums are accumulated in float32; everything else in its own dtype."""
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
@@ -230,7 +226,7 @@ def ring_reduce_scatter(
     if x.ndim != 1 or x.shape[0] % n:
         raise ValueError(f"ring_reduce_scatter needs a 1-D array divisible by {n}, got {x.shape}")
     out_dtype = x.dtype
-    x = x.astype(_accum_dtype(out_dtype))
+    x = x.astype(accum_dtype(out_dtype))
     if n == 1:
         out = x
     else:
@@ -314,110 +310,3 @@ def ring_all_reduce(
         chunk = ring_reduce_scatter(bucket, axis_name, mean=mean, rings=rings)
         reduced.append(ring_all_gather(chunk, axis_name, rings=rings))
     return unflatten(reduced)
-
-
-# --------------------------------------------------------------------------------------------------
-# Parameter server
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_server(server, n):
-    if not 0 <= server < n:
-        raise ValueError(f"server must be in [0, {n}), got {server}")
-
-
-def gather_to_server(
-    tree: PyTree, axis_name, *, server: int = 0, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES
-) -> PyTree:
-    """Push step of a parameter server (Li et al. 2014): sums every device's tree on `server`.
-
-    Each worker i != server sends its whole buffer to the server (N - 1 ppermutes, perm
-    [(i, server)]); the server adds them to its own (float16/bfloat16 accumulated in float32).
-    The server receives (N-1)*S bytes, where S is the tree's size: the bottleneck a ring avoids.
-
-    Args:
-      tree: any pytree of arrays.
-      axis_name: the mapped axis.
-      server: axis index of the server device.
-      bucket_bytes: bucketing as in `flatten_to_buckets` (None/0: one message per leaf).
-
-    Returns:
-      On the server, the sum over devices. On every other device, its own tree unchanged (a
-      ppermute delivers zeros to devices that receive nothing); do not use it there.
-    """
-    n = lax.axis_size(axis_name)
-    _check_server(server, n)
-    if n == 1:
-        return jax.tree.map(lambda leaf: jnp.asarray(leaf) + 0, tree)
-    buckets, unflatten = flatten_to_buckets(tree, bucket_bytes)
-    summed = []
-    for bucket in buckets:
-        acc = bucket.astype(_accum_dtype(bucket.dtype))
-        for worker in range(n):
-            if worker != server:
-                acc = acc + lax.ppermute(bucket, axis_name, [(worker, server)]).astype(acc.dtype)
-        summed.append(acc.astype(bucket.dtype))
-    return unflatten(summed)
-
-
-def broadcast_from_server(
-    tree: PyTree, axis_name, *, server: int = 0, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES
-) -> PyTree:
-    """Pull step of a parameter server (Li et al. 2014): every device gets the server's tree.
-
-    N - 1 ppermutes, perm [(server, i)] for each worker i; the server sends (N-1)*S bytes.
-
-    Args:
-      tree: any pytree of arrays; only the server's values matter.
-      axis_name: the mapped axis.
-      server: axis index of the server device.
-      bucket_bytes: bucketing as in `flatten_to_buckets` (None/0: one message per leaf).
-
-    Returns:
-      The server's tree, on every device.
-    """
-    n = lax.axis_size(axis_name)
-    _check_server(server, n)
-    if n == 1:
-        return jax.tree.map(lambda leaf: jnp.asarray(leaf) + 0, tree)
-    idx = lax.axis_index(axis_name)
-    buckets, unflatten = flatten_to_buckets(tree, bucket_bytes)
-    out = []
-    for bucket in buckets:
-        result = bucket
-        for worker in range(n):
-            if worker != server:
-                received = lax.ppermute(bucket, axis_name, [(server, worker)])
-                result = jnp.where(idx == worker, received, result)
-        out.append(result)
-    return unflatten(out)
-
-
-def ps_all_reduce(
-    tree: PyTree,
-    axis_name,
-    *,
-    mean: bool = False,
-    server: int = 0,
-    bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
-) -> PyTree:
-    """Parameter-server all-reduce (Li et al. 2014), for comparison with the ring.
-
-    `broadcast_from_server(gather_to_server(tree))`: 2(N - 1) ppermutes per bucket, and the server
-    receives and sends (N-1)*S bytes each, against 2(N-1)/N*S per device for the ring.
-
-    Args:
-      tree: any pytree of float arrays.
-      axis_name: the mapped axis.
-      mean: average instead of sum.
-      server: axis index of the server device.
-      bucket_bytes: bucketing as in `flatten_to_buckets`.
-
-    Returns:
-      Equal to `lax.psum(tree, axis_name)` (`lax.pmean` if `mean`), on every device.
-    """
-    n = lax.axis_size(axis_name)
-    summed = gather_to_server(tree, axis_name, server=server, bucket_bytes=bucket_bytes)
-    if mean:
-        summed = jax.tree.map(lambda leaf: (leaf / n).astype(leaf.dtype), summed)
-    return broadcast_from_server(summed, axis_name, server=server, bucket_bytes=bucket_bytes)

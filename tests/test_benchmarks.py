@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxsync import ConfigError
-from jaxsync.benchmarks import common, scaling
+from jaxsync.benchmarks import common, scaling, sections
 from jaxsync.benchmarks import render as benchrender
 from jaxsync.benchmarks import suite as benchsuite
 
@@ -101,13 +101,13 @@ def test_failed_and_missing_sections_are_reported_without_numbers(tmp_path, monk
         "import sys\nprint('| a |\\n|---|\\n| 987654321 |')\n"
         "sys.exit('error: the device caught fire')\n"
     )
-    sections = (
-        benchsuite.Section(
+    fake = (
+        sections.Section(
             "gone", "Gone", "no/such_script.py", "intro", {"smoke": []}, (), "gone.json"
         ),
-        benchsuite.Section("bad", "Bad", str(bad), "intro", {"smoke": []}, (), "bad.json"),
+        sections.Section("bad", "Bad", str(bad), "intro", {"smoke": []}, (), "bad.json"),
     )
-    monkeypatch.setattr(benchsuite, "SECTIONS", sections)
+    monkeypatch.setattr(benchsuite, "SECTIONS", fake)
     monkeypatch.setattr(benchsuite, "SECTION_KEYS", ("gone", "bad"))
     cfg = benchsuite.SuiteConfig(
         mode="smoke",
@@ -208,7 +208,7 @@ def test_smoke_suite_summary_json(smoke_run):
 def test_a_section_past_its_timeout_is_stopped_and_reported(tmp_path):
     slow = tmp_path / "slow.py"
     slow.write_text("import time\nprint('| a |\\n|---|\\n| 7 |', flush=True)\ntime.sleep(600)\n")
-    section = benchsuite.Section("slow", "Slow", str(slow), "intro", {"smoke": []}, (), "s.json")
+    section = sections.Section("slow", "Slow", str(slow), "intro", {"smoke": []}, (), "s.json")
     result = benchsuite.run_section(section, "smoke", str(tmp_path), ROOT, 1.0, log=lambda *_: None)
     assert (result.status, result.error) == ("timeout", "timed out after 1 s (--section_timeout)")
     assert "| 7 |" in (tmp_path / "slow.log").read_text()
@@ -248,7 +248,7 @@ def test_a_dirty_tree_is_refused_unless_allowed(tmp_path):
 
 
 def test_full_runs_render_from_json_or_say_not_yet_run(tmp_path):
-    rl = benchsuite.FullRun("rl", "RL", str(tmp_path / "rl.json"), "python make_rl", "i", "rl")
+    rl = sections.FullRun("rl", "RL", str(tmp_path / "rl.json"), "python make_rl", "i", "rl")
     text = benchrender.render_full_run(rl, ROOT, str(tmp_path))
     assert f"**Not yet run:** `{tmp_path / 'rl.json'}` does not exist; `python make_rl`" in text
     quality = {

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsync import collectives as C
 from jaxsync import sync
+from jaxsync.sync import ps
 
 AXIS = "data"
 SIZES = (1, 2, 3, 8)  # 1: no-op ring; 3: uneven; 2 and 8: powers of two (4 adds nothing new)
@@ -77,8 +78,8 @@ def _per_device(inputs):
         ours = ALGORITHMS[algo](tree, AXIS, mean=mean, bucket_bytes=bucket_bytes)
         out[f"{algo}_{name}"] = (ours, lax.pmean(tree, AXIS) if mean else lax.psum(tree, AXIS))
     server = lax.axis_size(AXIS) - 1
-    out["gather"] = (C.gather_to_server(tree, AXIS, server=server), lax.psum(tree, AXIS))
-    out["broadcast"] = C.broadcast_from_server(tree, AXIS, server=server)
+    out["gather"] = (ps.gather_to_server(tree, AXIS, server=server), lax.psum(tree, AXIS))
+    out["broadcast"] = ps.broadcast_from_server(tree, AXIS, server=server)
     return out
 
 
@@ -218,8 +219,8 @@ def test_bucketing_cuts_the_number_of_messages(n):
     assert count[None] == 20 * count[C.DEFAULT_BUCKET_BYTES]
     one_ring = functools.partial(C.ring_all_reduce, axis_name=AXIS, rings=1)
     assert _count_ppermutes(one_ring, n, leaves) == 2 * (n - 1)
-    ps = _count_ppermutes(functools.partial(C.ps_all_reduce, axis_name=AXIS), n, leaves)
-    assert ps == 2 * (n - 1)
+    pushes = _count_ppermutes(functools.partial(ps.ps_all_reduce, axis_name=AXIS), n, leaves)
+    assert pushes == 2 * (n - 1)
 
 
 def test_flatten_to_buckets_round_trip_and_plan():

@@ -10,10 +10,12 @@ instead of two; ``copy`` (one read and one write of the buffer) calibrates memor
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 
 from jaxsync import ConfigError
+from jaxsync.benchmarks import common
 
 UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 RING_VARIANTS = {"2": "ring", "1": "ring1"}
@@ -198,12 +200,123 @@ def format_row(row, columns):
     out = []
     for _, key, spec in _cells(columns):
         value = row[key[0]][key[1]] if isinstance(key, tuple) else row[key]
-        out.append(_human(value) if spec == "h" else format(value, spec))
+        out.append(common.human_bytes(value) if spec == "h" else format(value, spec))
     return "| " + " | ".join(out) + " |"
 
 
-def _human(size):
-    for unit in ("M", "K"):
-        if size >= UNITS[unit] and size % UNITS[unit] == 0:
-            return f"{size // UNITS[unit]}{unit}"
-    return str(size)
+# ---------------------------------------------------------------- the report's section
+
+INTRO = (
+    "XLA's built-in `psum`, jaxsync's ppermute ring and a parameter server (gather to device 0, "
+    "broadcast back) all-reduce S bytes per device over N devices. As in nccl-tests, "
+    "algbw = S / time and busbw = algbw · 2(N−1)/N. The α–β model "
+    "T = α·steps(N) + β·bytes(N, S) (Hockney 1994; Thakur, Rabenseifner & Gropp 2005) is "
+    "fitted per backend by least squares on relative error over all measured (N, S): "
+    "ring 2(N−1) steps and 2(N−1)/N·S bytes, ps 2(N−1) steps and 2(N−1)·S bytes through the "
+    "server, psum modelled as Rabenseifner's reduce-scatter + all-gather (2⌈log₂N⌉ steps, "
+    "2(N−1)/N·S bytes). On emulated devices every message is a memory copy inside one process, "
+    "so α is a rendezvous cost and 1/β a memory bandwidth, not a network's. `ring` is the "
+    "default ring all-reduce (two rings in opposite directions on half-chunks), `ring1` the "
+    "same with one ring (`collectives.ring_all_reduce(rings=1)`): same steps, same bytes."
+)
+
+
+def _backends(rows):
+    """The timed columns of the all-reduce JSON (backends, and ``ring1``), in its order."""
+    return [k for k, v in rows[0].items() if isinstance(v, dict)] if rows else []
+
+
+def fit_allreduce(rows) -> dict:
+    """``{backend: AlphaBeta}`` fitted to every measured point of each backend with a cost model."""
+    return {
+        b: common.fit_alpha_beta(b, [(r["devices"], r["bytes"], r[b]["us"] * 1e-6) for r in rows])
+        for b in _backends(rows)
+        if b in common.allreduce_costs()
+    }
+
+
+def render(result, results_dir, report_dir) -> str:
+    """The all-reduce section of BENCHMARKS.md from the JSON of :func:`run`."""
+    rows = result.data["rows"]
+    backends = _backends(rows)
+    fits = fit_allreduce(rows)
+    bw_headers = ["N", "size / device"]
+    time_headers = ["N", "size / device"]
+    for b in backends:
+        bw_headers += [f"{b} algbw GB/s", f"{b} busbw GB/s"]
+        time_headers += [f"{b} µs"] + ([f"{b} α–β µs (model)"] if b in fits else [])
+    bw, times = [], []
+    for r in rows:
+        n, s = r["devices"], r["bytes"]
+        bw.append(
+            [n, common.human_bytes(s)]
+            + [x for b in backends for x in (r[b]["algbw"], r[b]["busbw"])]
+        )
+        cells = [n, common.human_bytes(s)]
+        for b in backends:
+            cells += [r[b]["us"]] + ([fits[b].predict(n, s) * 1e6] if b in fits else [])
+        times.append(cells)
+    fit_rows = [
+        [b, f.alpha_s * 1e6, f.bandwidth_gbs, 100 * f.rms_rel_error] for b, f in fits.items()
+    ]
+    ratios = [k for k in rows[0] if k.endswith("/psum")]
+    ratio_rows = [
+        [r["devices"], common.human_bytes(r["bytes"])] + [r[k] for k in ratios] for r in rows
+    ]
+    png = os.path.join(results_dir, "allreduce_busbw.png")
+    _plot_allreduce(rows, backends, fits, png)
+    parts = [
+        "Bandwidth (median of repeats):",
+        common.markdown_table(bw_headers, bw),
+        "α–β model fitted to the measurements (fitted parameters, not measured directly):",
+        common.markdown_table(["backend", "α µs", "1/β GB/s", "RMS relative error %"], fit_rows),
+        "Measured time beside the model's prediction:",
+        common.markdown_table(time_headers, times),
+        "busbw relative to psum, measured in the same run:",
+        common.markdown_table(["N", "size / device"] + ratios, ratio_rows),
+    ]
+    if "ring1/ring" in rows[0]:
+        parts += [
+            "One ring against two (time of `ring1` over time of `ring`, measured in the same run; "
+            "above 1: the two rings take less time):",
+            common.markdown_table(
+                ["N", "size / device", "ring1/ring (wall)", "ring1/ring (process CPU)"],
+                [
+                    [
+                        r["devices"],
+                        common.human_bytes(r["bytes"]),
+                        r["ring1/ring"],
+                        r["ring1/ring_cpu"],
+                    ]
+                    for r in rows
+                ],
+            ),
+        ]
+    parts.append(f"![busbw versus message size]({common.rel_path(png, report_dir)})")
+    return "\n\n".join(parts)
+
+
+def _plot_allreduce(rows, backends, fits, png):
+    plt = common.pyplot()
+    ns = sorted({r["devices"] for r in rows})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 3.6), squeeze=False)
+    for ax, n in zip(axes[0], ns, strict=True):
+        sub = [r for r in rows if r["devices"] == n]
+        sizes = [r["bytes"] for r in sub]
+        for b in backends:
+            line = ax.plot(sizes, [r[b]["busbw"] for r in sub], "o-", label=f"{b}")[0]
+            if b in fits:
+                model = [s / fits[b].predict(n, s) / 1e9 * 2 * (n - 1) / n for s in sizes]
+                ax.plot(sizes, model, "--", color=line.get_color(), label=f"{b} α–β (model)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"N = {n}")
+        ax.set_xlabel("bytes per device")
+        ax.set_ylabel("busbw GB/s")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- scaling and LSR

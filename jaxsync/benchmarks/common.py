@@ -226,3 +226,26 @@ def fit_alpha_beta(backend: str, points) -> AlphaBeta:
 def scaling_efficiency(throughput: float, base_throughput: float, n: int, base_n: int = 1):
     """Parallel efficiency E = (X_N / X_1) / (N / N_1): 1 is linear speedup."""
     return (throughput / base_throughput) / (n / base_n)
+
+
+def rel_path(path: str, report_dir: str) -> str:
+    """``path`` relative to the report's folder, with forward slashes (markdown links)."""
+    return os.path.relpath(path, report_dir).replace(os.sep, "/")
+
+
+def human_bytes(size: int) -> str:
+    """4096 -> ``4K``, 16 MiB -> ``16M``; other sizes in bytes."""
+    for unit, scale in (("M", 1024**2), ("K", 1024)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

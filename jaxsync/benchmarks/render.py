@@ -14,21 +14,8 @@ import json
 import os
 import re
 
-from jaxsync.benchmarks import common, scaling
+from jaxsync.benchmarks import allreduce, common, scaling
 
-ALLREDUCE_INTRO = (
-    "XLA's built-in `psum`, jaxsync's ppermute ring and a parameter server (gather to device 0, "
-    "broadcast back) all-reduce S bytes per device over N devices. As in nccl-tests, "
-    "algbw = S / time and busbw = algbw · 2(N−1)/N. The α–β model "
-    "T = α·steps(N) + β·bytes(N, S) (Hockney 1994; Thakur, Rabenseifner & Gropp 2005) is "
-    "fitted per backend by least squares on relative error over all measured (N, S): "
-    "ring 2(N−1) steps and 2(N−1)/N·S bytes, ps 2(N−1) steps and 2(N−1)·S bytes through the "
-    "server, psum modelled as Rabenseifner's reduce-scatter + all-gather (2⌈log₂N⌉ steps, "
-    "2(N−1)/N·S bytes). On emulated devices every message is a memory copy inside one process, "
-    "so α is a rendezvous cost and 1/β a memory bandwidth, not a network's. `ring` is the "
-    "default ring all-reduce (two rings in opposite directions on half-chunks), `ring1` the "
-    "same with one ring (`collectives.ring_all_reduce(rings=1)`): same steps, same bytes."
-)
 SCALING_INTRO = (
     "Synchronous data-parallel training step (MLP on the synthetic teacher set, SGD), timed "
     "after warm-up (median of repeats). Strong scaling fixes the global batch, weak scaling the "
@@ -51,121 +38,6 @@ LSR_INTRO = (
 )
 
 
-def _rel(path: str, report_dir: str) -> str:
-    return os.path.relpath(path, report_dir).replace(os.sep, "/")
-
-
-def _human_bytes(size: int) -> str:
-    for unit, scale in (("M", 1024**2), ("K", 1024)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale}{unit}"
-    return str(size)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-# ---------------------------------------------------------------- all-reduce
-
-
-def _backends(rows):
-    """The timed columns of the all-reduce JSON (backends, and ``ring1``), in its order."""
-    return [k for k, v in rows[0].items() if isinstance(v, dict)] if rows else []
-
-
-def fit_allreduce(rows) -> dict:
-    """``{backend: AlphaBeta}`` fitted to every measured point of each backend with a cost model."""
-    return {
-        b: common.fit_alpha_beta(b, [(r["devices"], r["bytes"], r[b]["us"] * 1e-6) for r in rows])
-        for b in _backends(rows)
-        if b in common.allreduce_costs()
-    }
-
-
-def render_allreduce(result, results_dir, report_dir) -> str:
-    rows = result.data["rows"]
-    backends = _backends(rows)
-    fits = fit_allreduce(rows)
-    bw_headers = ["N", "size / device"]
-    time_headers = ["N", "size / device"]
-    for b in backends:
-        bw_headers += [f"{b} algbw GB/s", f"{b} busbw GB/s"]
-        time_headers += [f"{b} µs"] + ([f"{b} α–β µs (model)"] if b in fits else [])
-    bw, times = [], []
-    for r in rows:
-        n, s = r["devices"], r["bytes"]
-        bw.append(
-            [n, _human_bytes(s)] + [x for b in backends for x in (r[b]["algbw"], r[b]["busbw"])]
-        )
-        cells = [n, _human_bytes(s)]
-        for b in backends:
-            cells += [r[b]["us"]] + ([fits[b].predict(n, s) * 1e6] if b in fits else [])
-        times.append(cells)
-    fit_rows = [
-        [b, f.alpha_s * 1e6, f.bandwidth_gbs, 100 * f.rms_rel_error] for b, f in fits.items()
-    ]
-    ratios = [k for k in rows[0] if k.endswith("/psum")]
-    ratio_rows = [[r["devices"], _human_bytes(r["bytes"])] + [r[k] for k in ratios] for r in rows]
-    png = os.path.join(results_dir, "allreduce_busbw.png")
-    _plot_allreduce(rows, backends, fits, png)
-    parts = [
-        "Bandwidth (median of repeats):",
-        common.markdown_table(bw_headers, bw),
-        "α–β model fitted to the measurements (fitted parameters, not measured directly):",
-        common.markdown_table(["backend", "α µs", "1/β GB/s", "RMS relative error %"], fit_rows),
-        "Measured time beside the model's prediction:",
-        common.markdown_table(time_headers, times),
-        "busbw relative to psum, measured in the same run:",
-        common.markdown_table(["N", "size / device"] + ratios, ratio_rows),
-    ]
-    if "ring1/ring" in rows[0]:
-        parts += [
-            "One ring against two (time of `ring1` over time of `ring`, measured in the same run; "
-            "above 1: the two rings take less time):",
-            common.markdown_table(
-                ["N", "size / device", "ring1/ring (wall)", "ring1/ring (process CPU)"],
-                [
-                    [r["devices"], _human_bytes(r["bytes"]), r["ring1/ring"], r["ring1/ring_cpu"]]
-                    for r in rows
-                ],
-            ),
-        ]
-    parts.append(f"![busbw versus message size]({_rel(png, report_dir)})")
-    return "\n\n".join(parts)
-
-
-def _plot_allreduce(rows, backends, fits, png):
-    plt = _plt()
-    ns = sorted({r["devices"] for r in rows})
-    fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 3.6), squeeze=False)
-    for ax, n in zip(axes[0], ns, strict=True):
-        sub = [r for r in rows if r["devices"] == n]
-        sizes = [r["bytes"] for r in sub]
-        for b in backends:
-            line = ax.plot(sizes, [r[b]["busbw"] for r in sub], "o-", label=f"{b}")[0]
-            if b in fits:
-                model = [s / fits[b].predict(n, s) / 1e9 * 2 * (n - 1) / n for s in sizes]
-                ax.plot(sizes, model, "--", color=line.get_color(), label=f"{b} α–β (model)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"N = {n}")
-        ax.set_xlabel("bytes per device")
-        ax.set_ylabel("busbw GB/s")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------- scaling and LSR
-
-
 def render_scaling(result, results_dir, report_dir) -> str:
     rows = result.data["rows"]
     modes = [m for m in (scaling.STRONG, scaling.WEAK) if any(r["mode"] == m for r in rows)]
@@ -173,7 +45,7 @@ def render_scaling(result, results_dir, report_dir) -> str:
     for mode in modes:
         parts += [f"{mode.capitalize()} scaling:", scaling.scaling_table(rows, mode)]
     png = os.path.join(results_dir, "scaling_speedup.png")
-    plt = _plt()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.6), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
         sub = [r for r in rows if r["mode"] == mode]
@@ -189,7 +61,7 @@ def render_scaling(result, results_dir, report_dir) -> str:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
-    parts.append(f"![speedup versus devices]({_rel(png, report_dir)})")
+    parts.append(f"![speedup versus devices]({common.rel_path(png, report_dir)})")
     return "\n\n".join(parts)
 
 
@@ -210,7 +82,7 @@ def render_lsr(result, results_dir, report_dir) -> str:
         [list(r) for r in scaling.GOYAL_TABLE],
     )
     png = os.path.join(results_dir, "lsr_error.png")
-    plt = _plt()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, _, _ in scaling.LSR_VARIANTS:
         batches = sorted({r["batch"] for r in rows if r["variant"] == name})
@@ -245,7 +117,7 @@ def render_lsr(result, results_dir, report_dir) -> str:
             "Diverged (non-finite loss): " + (", ".join(diverged) if diverged else "none") + ".",
             "Published, Goyal et al. 2017, Table 1 (ResNet-50, ImageNet, 90 epochs):",
             ref,
-            f"![test error versus batch]({_rel(png, report_dir)})",
+            f"![test error versus batch]({common.rel_path(png, report_dir)})",
         ]
     )
 
@@ -315,12 +187,12 @@ def render_generic(result, results_dir, report_dir) -> str:
     for name in result.section.pngs:
         path = os.path.join(results_dir, name)
         if os.path.exists(path):
-            parts.append(f"![{result.section.key}]({_rel(path, report_dir)})")
+            parts.append(f"![{result.section.key}]({common.rel_path(path, report_dir)})")
     return "\n\n".join(parts)
 
 
 RENDERERS = {
-    "allreduce": render_allreduce,
+    "allreduce": allreduce.render,
     "scaling": render_scaling,
     "lsr": render_lsr,
     "generic": render_generic,
@@ -347,7 +219,7 @@ def render_section(result, results_dir, report_dir) -> str:
         head.append(f"**FAILED** — no numbers: `{result.error}`")
         return "\n\n".join(head)
     json_path = os.path.join(results_dir, s.json_name)
-    head.append(f"Raw results: `{_rel(json_path, report_dir)}`.")
+    head.append(f"Raw results: `{common.rel_path(json_path, report_dir)}`.")
     return "\n\n".join(head + [body])
 
 
@@ -379,7 +251,7 @@ def render_rl_full(data, json_path, root, report_dir) -> str:
         parts += ([caption] if caption else []) + [table]
     png = json_path.removesuffix(".json") + "_curves.png"
     if os.path.exists(png):
-        parts.append(f"![learning curves]({_rel(png, report_dir)})")
+        parts.append(f"![learning curves]({common.rel_path(png, report_dir)})")
     return "\n\n".join(parts)
 
 

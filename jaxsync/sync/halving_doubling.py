@@ -94,8 +94,7 @@ def all_reduce(
         if b.shape[0] == 0:
             out.append(b)
             continue
-        acc = jnp.float32 if b.dtype in (jnp.bfloat16, jnp.float16) else b.dtype
-        total = halving_doubling_sum(b.astype(acc), axis_name)
+        total = halving_doubling_sum(b.astype(collectives.accum_dtype(b.dtype)), axis_name)
         out.append((total / n if mean else total).astype(b.dtype))
     return unflatten(out)
 
