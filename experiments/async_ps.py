@@ -24,12 +24,15 @@ The summary line carries final_loss, eval metrics, step_time_ms, param_checksum 
 histogram; with ``--staleness=0`` the checksum equals ``experiments/train.py --strategy=single``.
 """
 
+import dataclasses
+
 from absl import flags
 
 from jaxsync import cli
 from jaxsync.async_ps.lock import LOCK_POLICIES
 from jaxsync.async_ps.staleness import STALENESS_MODELS
 from jaxsync.async_ps.train import MODES
+from jaxsync.runs import RunConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -78,8 +81,8 @@ flags.DEFINE_integer(
 cli.define_device_flags()
 cli.define_model_data_flags()
 cli.define_optim_flags()
-cli.define_logging_flags()
-cli.define_checkpoint_flags()
+# RunConfig's defaults (the guard on, unlike AsyncConfig's library default); steps are updates.
+cli.define_run_flags(RunConfig(), omit=("check_replicas",))
 
 
 def main(argv):
@@ -87,9 +90,9 @@ def main(argv):
     from jaxsync.async_ps.staleness import StalenessConfig
     from jaxsync.async_ps.train import AsyncConfig, train_async
 
-    checkpointing = cli.checkpoint_kwargs_from_flags()
+    run = cli.run_config_from_flags()
     if FLAGS.mode == "threads" and not FLAGS["max_nonfinite"].present:
-        checkpointing["max_nonfinite"] = 0  # the guard's default is emulated-only, not an error
+        run = dataclasses.replace(run, max_nonfinite=0)  # the guard's default is emulated-only
     cfg = AsyncConfig(
         mode=FLAGS.mode,
         staleness=StalenessConfig(
@@ -100,15 +103,14 @@ def main(argv):
             straggler_fraction=FLAGS.straggler_fraction,
             straggler_slowdown=FLAGS.straggler_slowdown,
             ssp_bound=FLAGS.ssp_bound,
-            seed=FLAGS.seed,
+            seed=run.seed,
         ),
         staleness_aware_lr=FLAGS.staleness_aware_lr,
         lock=FLAGS.lock,
         **cli.model_data_kwargs_from_flags(),
-        **cli.logging_kwargs_from_flags(),
         timeout_s=FLAGS.timeout_s,
         fail_worker=FLAGS.fail_worker,
-        **checkpointing,
+        run=run,
     )
     summary = train_async(cfg)
     print("summary " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "summary"))

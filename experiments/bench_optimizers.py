@@ -22,13 +22,12 @@ also holds each run's median step time (``step_ms``); the tables leave it out, s
 devices on a shared CPU say little about a network.
 """
 
-import dataclasses
 import json
 import os
 
 from absl import flags
 
-from jaxsync import cli
+from jaxsync import cli, runs
 
 _DEVICES = flags.DEFINE_list("devices", ["2", "4", "8"], "Device counts N for the memory table.")
 _LOCAL = flags.DEFINE_list("local_steps", ["1", "4", "16"], "Local SGD H values (>= 1).")
@@ -44,6 +43,7 @@ flags.DEFINE_integer("cpu_devices", 8, "CPU devices to emulate (>= max of --devi
 
 def _base(**kw):
     from jaxsync.optim import OptimConfig
+    from jaxsync.runs import make
     from jaxsync.train import TrainConfig
 
     width, steps = (64, 48) if _QUICK.value else (_WIDTH.value, _STEPS.value)
@@ -57,7 +57,7 @@ def _base(**kw):
         eval_every=steps,
         optim=OptimConfig("sgd", _LR.value),
     )
-    return TrainConfig(**{**fields, **kw})
+    return make(TrainConfig, **{**fields, **kw})
 
 
 def _param_lengths(cfg, multiple_of):
@@ -67,7 +67,7 @@ def _param_lengths(cfg, multiple_of):
 
     from jaxsync import collectives, data, models
 
-    ds = data.load_dataset(cfg.dataset, cfg.seed, cfg.data_dir)
+    ds = data.load_dataset(cfg.dataset, cfg.run.seed, cfg.data_dir)
     model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
     params = model.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
     buckets, _ = collectives.flatten_to_buckets(
@@ -86,7 +86,7 @@ def memory_rows():
     from jaxsync.sync.zero import state_bytes_per_device
 
     cfg = _base()
-    ds = data.load_dataset(cfg.dataset, cfg.seed)
+    ds = data.load_dataset(cfg.dataset, cfg.run.seed)
     model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
     loss_fn = losses.make_loss_fn(model.apply, ds.task)
     tx = optim.make_optimizer(optim.OptimConfig("adam", 1e-3))
@@ -239,7 +239,7 @@ def main(argv):
         "memory": memory_rows(),
         "local_sgd": local_sgd_rows(),
         "compression": compression_rows(),
-        "config": dataclasses.asdict(_base()),
+        "config": runs.config_json(_base()),
     }
     steps = results["config"]["steps"]
     print("## Per-device memory, Adam (bytes, read from the arrays' device shards)\n")

@@ -23,6 +23,7 @@ from absl import flags
 
 from jaxsync import cli
 from jaxsync.sync import backend_names
+from jaxsync.train import TrainConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -84,23 +85,20 @@ cli.define_device_flags()
 cli.define_distributed_flags()
 cli.define_model_data_flags()
 cli.define_optim_flags()
-cli.define_logging_flags()
-cli.define_checkpoint_flags()
-cli.define_replica_flags()
+cli.define_run_flags(TrainConfig().run)
 
 
 def main(argv):
     cli.init_runtime()
     import jax
 
-    from jaxsync.train import TrainConfig, train_and_evaluate
+    from jaxsync.train import train_and_evaluate
 
     cfg = TrainConfig(
         strategy=FLAGS.strategy,
         frontend=FLAGS.frontend,
         num_devices=FLAGS.num_devices,
         **cli.model_data_kwargs_from_flags(),
-        **cli.logging_kwargs_from_flags(),
         model_parallel=FLAGS.model_parallel,
         microbatches=FLAGS.microbatches,
         tp_collective=FLAGS.tp_collective,
@@ -111,8 +109,7 @@ def main(argv):
         precision=FLAGS.precision,
         compression=FLAGS.compression,
         topk_ratio=FLAGS.topk_ratio,
-        check_replicas=FLAGS.check_replicas,
-        **cli.checkpoint_kwargs_from_flags(),
+        run=cli.run_config_from_flags(TrainConfig().run),
     )
     summary = train_and_evaluate(cfg)
     if jax.process_index() == 0:

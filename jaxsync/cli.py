@@ -2,11 +2,13 @@
 
 Each flag has its default and a help string with its unit and range. Experiments call
 ``define_*`` at import time, then build typed configs with the ``*_from_flags`` functions; library
-code never reads flags.
+code never reads flags. The run flags (``define_run_flags``) take their defaults from
+:class:`jaxsync.runs.RunConfig`, the one place they are declared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from absl import app, flags, logging
@@ -14,6 +16,7 @@ from absl import app, flags, logging
 from jaxsync import ConfigError
 from jaxsync.optim import OptimConfig
 from jaxsync.replicas import ReplicaDivergence
+from jaxsync.runs import RunConfig
 
 FLAGS = flags.FLAGS
 
@@ -39,8 +42,9 @@ def define_model_data_flags() -> None:
     )
     flags.DEFINE_string("data_dir", None, "Folder holding the MNIST IDX files (--dataset=mnist).")
     flags.DEFINE_integer("batch_size", 256, "Global batch size over all devices (>= 1).")
-    flags.DEFINE_integer("steps", 200, "Training steps (>= 1).")
-    flags.DEFINE_integer("seed", 0, "Seed for data, initialisation and shuffling.")
+    flags.DEFINE_integer(
+        "eval_every", 100, "Evaluate on the held-out split every this many steps (>= 1)."
+    )
 
 
 def define_optim_flags() -> None:
@@ -60,71 +64,62 @@ def define_optim_flags() -> None:
     flags.DEFINE_float("clip_norm", 0.0, "Clip gradients to this global norm; 0 disables (>= 0).")
 
 
-def define_logging_flags() -> None:
-    flags.DEFINE_integer("log_every", 20, "Write a metrics line every this many steps (>= 1).")
-    flags.DEFINE_integer(
-        "eval_every", 100, "Evaluate on the held-out split every this many steps (>= 1)."
-    )
-    flags.DEFINE_string(
-        "metrics_file",
-        None,
-        "JSONL metrics path (one object per logged step, then a summary object).",
-    )
+# The help of each RunConfig flag; an experiment may say more about its own (define_run_flags).
+RUN_HELP = {
+    "steps": "Training steps (>= 1).",
+    "seed": "Seed for data, initialisation and shuffling.",
+    "log_every": "Write a metrics line every this many steps (>= 1).",
+    "metrics_file": "JSONL metrics path (one object per logged step, then a summary object).",
+    "workdir": "Run folder: checkpoints/, metrics.jsonl, tensorboard/. "
+    "A workdir that holds a checkpoint is resumed from the latest one.",
+    "checkpoint_every": "Save a checkpoint every this many steps, and "
+    "at the end (>= 0; 0: only at the end). Needs --workdir.",
+    "keep_checkpoints": "Keep the last this many checkpoints (>= 1); "
+    "older ones are deleted, nothing else in --workdir ever is.",
+    "resume": "Continue from the latest checkpoint in --workdir; "
+    "--noresume refuses to run in a workdir that holds checkpoints.",
+    "max_nonfinite": "Skip steps whose gradients hold NaN/Inf and stop "
+    "after this many in a row (>= 0; 0 disables the guard).",
+    "tensorboard": "Also write TensorBoard event files to --workdir/tensorboard "
+    "(needs tensorboardX).",
+    "nan_at_steps": "Fault injection for tests: comma-separated 1-based "
+    "steps whose global batch gets a NaN input.",
+    "check_replicas": "Every this many steps and at the end, check that every device holds "
+    "bit-identical replicated parameters (and optimizer state); stop with an error naming the "
+    "first leaf that differs (>= 0; 0: off).",
+}
+DEFAULT_RUN = RunConfig()
+_NOT_FLAGS = ("quiet",)  # set by the experiment, not on the command line
 
 
-def define_replica_flags() -> None:
-    flags.DEFINE_integer(
-        "check_replicas",
-        0,
-        "Every this many steps and at the end, check that every device holds bit-identical "
-        "replicated parameters (and optimizer state); stop with an error naming the first leaf "
-        "that differs (>= 0; 0: off).",
-    )
+def define_run_flags(defaults: RunConfig = DEFAULT_RUN, omit=(), **help_texts) -> None:
+    """One flag per :class:`jaxsync.runs.RunConfig` field (but ``quiet`` and ``omit``), its
+    default taken from ``defaults`` (the experiment config's default ``run``), its help from
+    :data:`RUN_HELP` or ``help_texts``."""
+    for f in dataclasses.fields(RunConfig):
+        if f.name in omit or f.name in _NOT_FLAGS:
+            continue
+        default, text = getattr(defaults, f.name), help_texts.get(f.name, RUN_HELP[f.name])
+        if isinstance(default, bool):
+            flags.DEFINE_bool(f.name, default, text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(f.name, default, text)
+        elif isinstance(default, tuple):
+            flags.DEFINE_list(f.name, list(map(str, default)), text)
+        else:
+            flags.DEFINE_string(f.name, default, text)
 
 
-def define_checkpoint_flags() -> None:
-    """Run folder, checkpoints, resume, non-finite guard and TensorBoard (jaxsync.checkpoint)."""
-    flags.DEFINE_string(
-        "workdir",
-        None,
-        "Run folder: checkpoints/, metrics.jsonl, tensorboard/. "
-        "A workdir that holds a checkpoint is resumed from the latest one.",
-    )
-    flags.DEFINE_integer(
-        "checkpoint_every",
-        100,
-        "Save a checkpoint every this many steps, and "
-        "at the end (>= 0; 0: only at the end). Needs --workdir.",
-    )
-    flags.DEFINE_integer(
-        "keep_checkpoints",
-        3,
-        "Keep the last this many checkpoints (>= 1); "
-        "older ones are deleted, nothing else in --workdir ever is.",
-    )
-    flags.DEFINE_bool(
-        "resume",
-        True,
-        "Continue from the latest checkpoint in --workdir; "
-        "--noresume refuses to run in a workdir that holds checkpoints.",
-    )
-    flags.DEFINE_integer(
-        "max_nonfinite",
-        10,
-        "Skip steps whose gradients hold NaN/Inf and stop "
-        "after this many in a row (>= 0; 0 disables the guard).",
-    )
-    flags.DEFINE_bool(
-        "tensorboard",
-        False,
-        "Also write TensorBoard event files to --workdir/tensorboard (needs tensorboardX).",
-    )
-    flags.DEFINE_list(
-        "nan_at_steps",
-        [],
-        "Fault injection for tests: comma-separated 1-based "
-        "steps whose global batch gets a NaN input.",
-    )
+def run_config_from_flags(defaults: RunConfig = DEFAULT_RUN, **overrides) -> RunConfig:
+    """``defaults`` with the value of every run flag the experiment defined, then ``overrides``."""
+    values = {
+        f.name: FLAGS[f.name].value
+        for f in dataclasses.fields(RunConfig)
+        if f.name in FLAGS and f.name not in _NOT_FLAGS
+    }
+    if "nan_at_steps" in values:
+        values["nan_at_steps"] = tuple(int_list("nan_at_steps", values["nan_at_steps"]))
+    return dataclasses.replace(defaults, **{**values, **overrides})
 
 
 def int_list(name: str, values) -> list[int]:
@@ -137,20 +132,6 @@ def int_list(name: str, values) -> list[int]:
         raise ConfigError(f"--{name} must be integers, got {values}") from None
 
 
-def checkpoint_kwargs_from_flags() -> dict:
-    """The fields of ``define_checkpoint_flags`` as config keyword arguments."""
-    nan_at_steps = tuple(int_list("nan_at_steps", FLAGS.nan_at_steps))
-    return dict(
-        workdir=FLAGS.workdir,
-        checkpoint_every=FLAGS.checkpoint_every,
-        keep_checkpoints=FLAGS.keep_checkpoints,
-        resume=FLAGS.resume,
-        max_nonfinite=FLAGS.max_nonfinite,
-        tensorboard=FLAGS.tensorboard,
-        nan_at_steps=nan_at_steps,
-    )
-
-
 def model_data_kwargs_from_flags() -> dict:
     """The fields of ``define_model_data_flags`` (and the optimizer) as config keyword arguments."""
     return dict(
@@ -160,15 +141,7 @@ def model_data_kwargs_from_flags() -> dict:
         data_dir=FLAGS.data_dir,
         optim=optim_config_from_flags(),
         batch_size=FLAGS.batch_size,
-        steps=FLAGS.steps,
-        seed=FLAGS.seed,
-    )
-
-
-def logging_kwargs_from_flags() -> dict:
-    """The fields of ``define_logging_flags`` as config keyword arguments."""
-    return dict(
-        log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, metrics_file=FLAGS.metrics_file
+        eval_every=FLAGS.eval_every,
     )
 
 

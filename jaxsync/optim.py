@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import optax
 
 from jaxsync import ConfigError
@@ -87,3 +88,17 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
     if c.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), tx)
     return tx
+
+
+def guarded(tx: optax.GradientTransformation, max_nonfinite: int) -> optax.GradientTransformation:
+    """``tx`` skipping updates whose gradients hold NaN/Inf, at most ``max_nonfinite`` in a row
+    (``optax.apply_if_finite``; 0: ``tx`` itself). Inside the optimizer the skip happens in the
+    jitted step, on the synchronised gradient, with no copy of the old state."""
+    return optax.apply_if_finite(tx, max_nonfinite) if max_nonfinite else tx
+
+
+def nonfinite_guards(tree) -> list:
+    """The ``optax.apply_if_finite`` states in ``tree`` (an optimizer or train state), in leaf
+    order; each has ``notfinite_count`` (skipped in a row) and ``total_notfinite``."""
+    is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    return [s for s in jax.tree.leaves(tree, is_leaf=is_guard) if is_guard(s)]

@@ -12,7 +12,7 @@ from jaxsync import ConfigError, optim
 from jaxsync.async_ps.staleness import StalenessConfig
 from jaxsync.async_ps.train import AsyncConfig, train_async
 from jaxsync.checkpoint import Checkpointer
-from jaxsync.runs import NonFiniteError
+from jaxsync.runs import NonFiniteError, make
 
 FLAGS = [
     "--cpu_devices=1",
@@ -68,7 +68,7 @@ def test_same_flags_give_the_same_run(tmp_path):
     runs = []
     for name in ("a", "b"):
         path = tmp_path / f"{name}.jsonl"
-        summary = train_async(AsyncConfig(**TINY, metrics_file=str(path)))
+        summary = train_async(make(AsyncConfig, **TINY, metrics_file=str(path)))
         runs.append((summary["param_checksum"], kr.untimed(kr.records(path))))
     assert runs[0] == runs[1]
     assert [r.get("step") for r in runs[0][1][:-1]] == [4, 8]
@@ -82,7 +82,7 @@ def _versions(ck, step):
 
 def test_nan_updates_are_skipped_then_a_stop_inside_a_chunk_keeps_the_last_checkpoint(tmp_path):
     w = tmp_path / "run"
-    cfg = AsyncConfig(**TINY, workdir=str(w), checkpoint_every=2, nan_at_steps=(2, 6, 7))
+    cfg = make(AsyncConfig, **TINY, workdir=str(w), checkpoint_every=2, nan_at_steps=(2, 6, 7))
     # Chunks of 2 updates: the stop at update 7 is inside the chunk 7..8, which is dropped.
     with pytest.raises(NonFiniteError, match=r"stopped at step 7: 2 steps in a row.*\(step 6\)"):
         train_async(cfg)
@@ -108,4 +108,4 @@ def test_nan_updates_are_skipped_then_a_stop_inside_a_chunk_keeps_the_last_check
 def test_threads_mode_rejects_checkpoint_options(option):
     name = next(iter(option))
     with pytest.raises(ConfigError, match=f"--{name} needs --mode=emulated: worker threads"):
-        train_async(AsyncConfig(mode="threads", **option))
+        train_async(make(AsyncConfig, mode="threads", **option))

@@ -24,6 +24,7 @@ from jaxsync.async_ps.staleness import (
 from jaxsync.async_ps.train import AsyncConfig, train_async
 from jaxsync.parallel.common import param_checksum
 from jaxsync.parallel.data_parallel import make_single
+from jaxsync.runs import make
 
 B, T = 16, 12
 
@@ -204,7 +205,8 @@ def test_experiment_tau_zero_summary_equals_single_sgd(setup, tmp_path):
     steps = 6
     path = tmp_path / "async.jsonl"
     summary = train_async(
-        AsyncConfig(
+        make(
+            AsyncConfig,
             model="mlp",
             width=8,
             dataset="blobs",
@@ -235,15 +237,15 @@ def test_experiment_tau_zero_summary_equals_single_sgd(setup, tmp_path):
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        (AsyncConfig(staleness=StalenessConfig(staleness=-1)), "--staleness must be >= 0"),
-        (AsyncConfig(staleness=StalenessConfig(num_workers=0)), "--num_workers must be >= 1"),
+        (make(AsyncConfig, staleness=StalenessConfig(staleness=-1)), "--staleness must be >= 0"),
+        (make(AsyncConfig, staleness=StalenessConfig(num_workers=0)), "--num_workers must be >= 1"),
         (
-            AsyncConfig(mode="threads", staleness=StalenessConfig(num_workers=99)),
+            make(AsyncConfig, mode="threads", staleness=StalenessConfig(num_workers=99)),
             "exceeds the 8 available devices",
         ),
-        (AsyncConfig(staleness=StalenessConfig(model="zipf")), "unknown staleness model"),
-        (AsyncConfig(lock="spin"), "unknown lock policy"),
-        (AsyncConfig(staleness=StalenessConfig(ssp_bound=2)), "--ssp_bound needs"),
+        (make(AsyncConfig, staleness=StalenessConfig(model="zipf")), "unknown staleness model"),
+        (make(AsyncConfig, lock="spin"), "unknown lock policy"),
+        (make(AsyncConfig, staleness=StalenessConfig(ssp_bound=2)), "--ssp_bound needs"),
     ],
 )
 def test_bad_config_is_one_clear_error(cfg, message):

@@ -15,7 +15,7 @@ import pytest
 from jaxsync import ConfigError, data, losses, models, optim
 from jaxsync.checkpoint import Checkpointer, is_unfinished, scan
 from jaxsync.parallel.data_parallel import make_data_parallel
-from jaxsync.runs import NonFiniteError
+from jaxsync.runs import NonFiniteError, make
 from jaxsync.train import TrainConfig, train_and_evaluate
 
 
@@ -170,7 +170,8 @@ def _tb_scalars(folder):
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     tensorboard = importlib.util.find_spec("tensorboardX") is not None  # extra "tensorboard"
     w = tmp_path / "run"
-    cfg = TrainConfig(
+    cfg = make(
+        TrainConfig,
         **TINY,
         steps=8,
         workdir=str(w),
@@ -200,7 +201,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
 
 def test_workdir_errors_are_clear_and_lose_nothing(tmp_path):
     w = tmp_path / "run"
-    train_and_evaluate(TrainConfig(**TINY, steps=2, workdir=str(w)))
+    train_and_evaluate(make(TrainConfig, **TINY, steps=2, workdir=str(w)))
     before = (w / "metrics.jsonl").read_text()
     cases = [
         (dict(resume=False), "holds checkpoints up to step 2"),
@@ -209,9 +210,11 @@ def test_workdir_errors_are_clear_and_lose_nothing(tmp_path):
     ]
     for change, message in cases:
         with pytest.raises(ConfigError, match=message):
-            train_and_evaluate(TrainConfig(**{**TINY, "steps": 2, "workdir": str(w), **change}))
+            train_and_evaluate(
+                make(TrainConfig, **{**TINY, "steps": 2, "workdir": str(w), **change})
+            )
     (w / "checkpoints" / "stray.bin").write_bytes(b"\1\2")
     with pytest.raises(ConfigError, match="stray.bin is not a jaxsync checkpoint"):
-        train_and_evaluate(TrainConfig(**TINY, steps=2, workdir=str(w)))
+        train_and_evaluate(make(TrainConfig, **TINY, steps=2, workdir=str(w)))
     assert (w / "metrics.jsonl").read_text() == before
     assert sorted(os.listdir(w / "checkpoints")) == ["2", "stray.bin"]

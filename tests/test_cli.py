@@ -9,6 +9,7 @@ import pytest
 
 from jaxsync import ConfigError
 from jaxsync.optim import OptimConfig
+from jaxsync.runs import make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
@@ -83,7 +84,7 @@ def test_bad_config_raises_one_config_error(case, tmp_path):
     keep = tmp_path / "keep.jsonl"
     keep.write_text("earlier run\n")
     with pytest.raises(ConfigError) as err:
-        train_and_evaluate(TrainConfig(**fields, metrics_file=str(keep), quiet=True))
+        train_and_evaluate(make(TrainConfig, **fields, metrics_file=str(keep), quiet=True))
     assert expected in str(err.value) and "\n" not in str(err.value)
     assert keep.read_text() == "earlier run\n"
 

@@ -14,6 +14,7 @@ import os
 import pytest
 
 from jaxsync import optim
+from jaxsync.runs import make
 from jaxsync.train import TrainConfig, train_and_evaluate
 
 MLP = dict(width=8, batch_size=32, num_devices=2)
@@ -31,7 +32,8 @@ if os.environ.get("JAXSYNC_SLOW_TESTS"):
 
 def _run(tmp_path, name, **kw):
     path = tmp_path / f"{name}.jsonl"
-    cfg = TrainConfig(
+    cfg = make(
+        TrainConfig,
         **kw,
         steps=3,
         log_every=1,

@@ -23,7 +23,8 @@ from jaxsync.models.transformer import MLPBlock, Transformer
 from jaxsync.parallel import pipeline, tensor
 from jaxsync.parallel.data_parallel import make_single
 from jaxsync.replicas import check_replicas
-from jaxsync.train import TrainConfig, train_and_evaluate, validate
+from jaxsync.runs import make
+from jaxsync.train import STRATEGIES, TrainConfig, train_and_evaluate, validate
 
 TASK = "classification"
 MODEL = Transformer(vocab=8, d_model=16, num_heads=4, mlp_dim=32, num_layers=2)
@@ -192,7 +193,7 @@ def test_training_steps_match_single(ref, single_run, name):
 
 def _cfg(**kw):
     base = dict(model="transformer", dataset="copy", width=16, batch_size=16, steps=1)
-    return TrainConfig(**{**base, **kw})
+    return make(TrainConfig, **{**base, **kw})
 
 
 @pytest.mark.parametrize(
@@ -208,14 +209,15 @@ def _cfg(**kw):
 def test_bad_sizes_raise_config_error(kw, match):
     cfg = _cfg(**kw)
     validate(cfg)
-    build = pipeline.from_config if cfg.strategy == "pp" else tensor.from_config
+    build = STRATEGIES[cfg.strategy]  # train.py's registry: pipeline / tensor.from_config
     with pytest.raises(ConfigError, match=match):
-        build(cfg, optim.make_optimizer(cfg.optim))
+        build(cfg, None, optim.make_optimizer(cfg.optim), None)
 
 
 def test_mesh_too_big_microbatches_below_one_and_unknown_collective():
     with pytest.raises(ConfigError, match="asked for 16 devices"):
-        tensor.from_config(_cfg(strategy="dp_tp", num_devices=16, model_parallel=2), optax.sgd(0.1))
+        cfg = _cfg(strategy="dp_tp", num_devices=16, model_parallel=2)
+        STRATEGIES["dp_tp"](cfg, None, optax.sgd(0.1), None)
     with pytest.raises(ConfigError, match="--microbatches must be >= 1"):
         validate(_cfg(strategy="pp", microbatches=0))
     # A sync backend without a tensor-parallel all-reduce is refused, not sent to the ring.

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from jaxsync import sync
+from jaxsync.runs import make
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "experiments" / "train.py")
@@ -67,7 +68,7 @@ def _worker(process_id: int, num_processes: int, port: int) -> None:
     from jaxsync.train import TrainConfig, train_and_evaluate
 
     for strategy in STRATEGIES:
-        summary = train_and_evaluate(TrainConfig(strategy=strategy, **RUN))
+        summary = train_and_evaluate(make(TrainConfig, strategy=strategy, **RUN))
         print("RESULT " + json.dumps(summary), flush=True)
 
 
@@ -118,7 +119,7 @@ def two_process_results():
 def test_two_processes_match_one_process(two_process_results, strategy):
     from jaxsync.train import TrainConfig, train_and_evaluate
 
-    ref = train_and_evaluate(TrainConfig(strategy=strategy, **RUN))  # 4 of this process's 8
+    ref = train_and_evaluate(make(TrainConfig, strategy=strategy, **RUN))  # 4 of this process's 8
     for got in two_process_results:  # every process holds the same replicated parameters
         assert got[strategy]["num_devices"] == 4
         for key in ("param_checksum", "final_loss", "eval_loss"):

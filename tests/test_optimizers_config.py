@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from jaxsync import ConfigError
+from jaxsync.runs import make
 from jaxsync.train import TrainConfig, train_and_evaluate, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,14 +35,15 @@ BAD = {
 def test_bad_options_raise_config_error(case):
     fields, expected = BAD[case]
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        validate(TrainConfig(**fields))
+        validate(make(TrainConfig, **fields))
 
 
 def test_run_with_sharded_adam_accumulation_and_bf16_writes_metrics(tmp_path):
     from jaxsync.optim import OptimConfig
 
     path = tmp_path / "m.jsonl"
-    cfg = TrainConfig(
+    cfg = make(
+        TrainConfig,
         strategy="psum",
         num_devices=4,
         width=8,

@@ -6,8 +6,8 @@ same JSONL metrics and summary keys as :func:`jaxsync.train.train_and_evaluate` 
 
 - ``emulated``: :mod:`.emulate` replays a seeded staleness schedule (:mod:`.staleness`) in a
   jitted ``lax.scan``, one call per chunk of updates between two log / eval / checkpoint points;
-  bitwise reproducible. With ``workdir`` it checkpoints and resumes like the supervised loop
-  (:func:`jaxsync.train.train_and_evaluate`, whose workdir helpers it shares): the saved state is
+  bitwise reproducible. It runs in :func:`jaxsync.loop.run`, the skeleton of every run, so with
+  ``run.workdir`` it checkpoints and resumes like the supervised loop: the saved state is
   the whole scan carry (parameters, optimizer state, the ring buffer of past parameter versions,
   the server version), and the data / staleness position is the update count, so a resumed run is
   bitwise the uninterrupted one. Updates with NaN/Inf gradients are skipped
@@ -15,7 +15,8 @@ same JSONL metrics and summary keys as :func:`jaxsync.train.train_and_evaluate` 
   the last checkpoint intact.
 - ``threads``: :mod:`.server` runs real worker threads on emulated devices; staleness is measured.
   Its JSONL records (one per ``log_every`` pushes: mean worker loss, staleness, lock wait, wall
-  time) are written from the server's log once the workers stop; eval runs at the end only. Thread
+  time) are written from the server's log once the workers stop (one chunk of the loop); eval
+  runs at the end only. Thread
   scheduling decides which gradients are stale, so a threaded run is not reproducible: it rejects
   the checkpoint, resume and non-finite-guard options.
 
@@ -26,15 +27,13 @@ One server update consumes ``n_push`` global batches of ``batch_size`` (push p u
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxsync import ConfigError, check_at_least, losses, models, optim, runs
+from jaxsync import ConfigError, check_at_least, loop, losses, models, optim, runs
 from jaxsync.async_ps.emulate import make_emulator
 from jaxsync.async_ps.lock import LOCK_POLICIES
 from jaxsync.async_ps.server import ThreadsConfig, run_threads
@@ -46,16 +45,15 @@ from jaxsync.async_ps.staleness import (
     straggler_ids,
     validate_staleness,
 )
-from jaxsync.metrics import Progress, median_ms, to_python
+from jaxsync.metrics import median_ms, to_python
 from jaxsync.parallel.common import param_checksum
-from jaxsync.train import flat_eval, load_data, make_eval_fn
 
 MODES = ("emulated", "threads")
 
 
 @dataclasses.dataclass(frozen=True)
 class AsyncConfig:
-    """Everything an asynchronous run needs. ``steps`` counts server updates."""
+    """Everything an asynchronous run needs. ``run.steps`` counts server updates."""
 
     mode: str = "emulated"
     staleness: StalenessConfig = StalenessConfig()
@@ -67,33 +65,22 @@ class AsyncConfig:
     data_dir: str | None = None
     optim: optim.OptimConfig = optim.OptimConfig()
     batch_size: int = 256
-    steps: int = 200
-    seed: int = 0
-    log_every: int = 20
     eval_every: int = 100
-    metrics_file: str | None = None
     timeout_s: float = 120.0
     fail_worker: int = -1  # threads mode: inject a RuntimeError in this worker (-1: none)
     fail_after: int = 2  # ... after it has pushed this many gradients
-    quiet: bool = False
-    # Checkpoints, resume, non-finite guard, TensorBoard, emulated mode only; the
-    # fields and their meaning are those of jaxsync.train.TrainConfig, with steps = updates.
-    workdir: str | None = None
-    checkpoint_every: int = 100  # 0: only the final update
-    keep_checkpoints: int = 3
-    resume: bool = True
-    # 0: no guard. Off here so that τ = 0 is bitwise plain single-device SGD (apply_if_finite's
-    # lax.cond changes the last bits); the CLI defaults to 10, like train.py's (then equal again).
-    max_nonfinite: int = 0
-    tensorboard: bool = False
-    nan_at_steps: tuple[int, ...] = ()  # fault injection: these updates' first push gets a NaN
-    strategy: ClassVar[str] = "async_ps"  # named in summaries (jaxsync.runs' helpers too)
+    # Checkpoints, resume, the guard and TensorBoard: emulated mode only; nan_at_steps poisons
+    # the first push of these updates. max_nonfinite 0: off here, so that τ = 0 is bitwise plain
+    # single-device SGD (apply_if_finite's lax.cond changes the last bits); the CLI defaults to
+    # RunConfig's 10, like train.py's (then equal again). No replica check (one parameter copy).
+    run: runs.RunConfig = runs.RunConfig(max_nonfinite=0)
+    strategy: ClassVar[str] = "async_ps"  # named in summaries and the stop record
 
 
 # Beyond jaxsync.runs.IDENTITY_FIELDS, what must match the run a checkpoint came from: the
 # staleness schedule (and so the ring-buffer size) and the update rule.
 ASYNC_IDENTITY_FIELDS = ("mode", "staleness", "staleness_aware_lr")
-# The options of cli.define_checkpoint_flags: emulated mode only.
+# The run options of checkpoints and the guard: emulated mode only.
 CHECKPOINT_FIELDS = ("workdir", "checkpoint_every", "keep_checkpoints", "resume")
 CHECKPOINT_FIELDS += ("max_nonfinite", "tensorboard", "nan_at_steps")
 
@@ -107,7 +94,10 @@ def validate(cfg: AsyncConfig) -> None:
         raise ConfigError(f"unknown lock policy {cfg.lock!r}; choose from {list(LOCK_POLICIES)}")
     if cfg.model not in models.MODELS:
         raise ConfigError(f"unknown model {cfg.model!r}; choose from {sorted(models.MODELS)}")
-    check_at_least(cfg, ("batch_size", "steps", "log_every", "eval_every"), 1)
+    check_at_least(cfg, ("batch_size", "eval_every"), 1)
+    runs.validate(cfg.run)
+    if cfg.run.check_replicas:
+        raise ConfigError("--check_replicas: an asynchronous run keeps one parameter copy")
     if not cfg.timeout_s > 0:
         raise ConfigError(f"--timeout_s must be > 0, got {cfg.timeout_s}")
     worker_model = cfg.staleness.model in WORKER_MODELS
@@ -130,8 +120,8 @@ def validate(cfg: AsyncConfig) -> None:
 
 def _reject_checkpoint_options(cfg: AsyncConfig) -> None:
     """Threads mode: any checkpoint / guard option changed from its default is an error."""
-    default = AsyncConfig()
-    changed = [f for f in CHECKPOINT_FIELDS if getattr(cfg, f) != getattr(default, f)]
+    default = AsyncConfig().run
+    changed = [f for f in CHECKPOINT_FIELDS if getattr(cfg.run, f) != getattr(default, f)]
     if changed:
         raise ConfigError(
             f"--{changed[0]} needs --mode=emulated: worker threads are not deterministic, so a "
@@ -142,46 +132,36 @@ def _reject_checkpoint_options(cfg: AsyncConfig) -> None:
 def train_async(cfg: AsyncConfig) -> dict:
     """Train asynchronously, write JSONL metrics and a summary line, and return the summary.
 
-    Emulated mode with ``cfg.workdir``: checkpoints every ``checkpoint_every`` updates and at the
+    Emulated mode with ``run.workdir``: checkpoints every ``checkpoint_every`` updates and at the
     end into ``workdir/checkpoints``, metrics appended to ``workdir/metrics.jsonl``, resumed from
-    the latest checkpoint; see :func:`jaxsync.train.train_and_evaluate` for the layout and errors.
+    the latest checkpoint; the layout and errors are those of every run (:mod:`jaxsync.loop`).
     """
     validate(cfg)
-    ckpt = runs.open_workdir(cfg)
-    start = _resume_step(cfg, ckpt)
-    writers = []
-    try:
-        ds = load_data(cfg)
-        model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
-        loss_fn = losses.make_loss_fn(model.apply, ds.task)
-        tx = optim.make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
-        params = jax.jit(lambda r, x: model.init(r, x)["params"])(
-            jax.random.key(cfg.seed), jnp.asarray(ds.x_train[:1])
-        )
-        eval_fn = make_eval_fn(loss_fn)
-        evaluate = lambda p: eval_fn(p, ds.x_test, ds.y_test)
-        writers = runs.open_writers(cfg, start)
-        if cfg.mode == "emulated":
-            if cfg.max_nonfinite:  # skipped inside the jitted update, on the averaged gradient
-                tx = optax.apply_if_finite(tx, cfg.max_nonfinite)
-            summary = _run_emulated(cfg, ds, params, tx, loss_fn, evaluate, writers, ckpt, start)
-        elif cfg.mode == "threads":
-            summary = _run_threads(cfg, ds, params, tx, loss_fn, evaluate, writers[0])
-        else:  # validate() raised already; kept so a new mode cannot fall through
-            raise ConfigError(f"unknown mode {cfg.mode!r}; choose from {list(MODES)}")
-        writers[0].write(summary)
-    finally:
-        for w in writers:
-            w.close()
-        if ckpt is not None:
-            ckpt.close()
-    return summary
+    if cfg.mode not in MODES:  # validate() raised already; kept so a new mode cannot fall through
+        raise ConfigError(f"unknown mode {cfg.mode!r}; choose from {list(MODES)}")
+    build = _emulated if cfg.mode == "emulated" else _threads
+    identity = runs.identity_of(runs.IDENTITY_FIELDS + ASYNC_IDENTITY_FIELDS)
+    return loop.run(
+        cfg,
+        total=cfg.run.steps,
+        strategy=cfg.strategy,
+        identity=identity,
+        build=lambda _: build(cfg),
+    )
 
 
-def _resume_step(cfg: AsyncConfig, ckpt) -> int:
-    """jaxsync.runs' resume checks over its IDENTITY_FIELDS and the ASYNC_IDENTITY_FIELDS."""
-    fields = runs.IDENTITY_FIELDS + ASYNC_IDENTITY_FIELDS
-    return runs.resume_step(cfg, ckpt, lambda c: runs.identity(c, fields))
+def _setup(cfg: AsyncConfig):
+    """Data, initial parameters, optimizer, loss and eval of a run."""
+    ds = runs.load_data(cfg)
+    model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
+    loss_fn = losses.make_loss_fn(model.apply, ds.task)
+    tx = optim.make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.run.steps))
+    params = jax.jit(lambda r, x: model.init(r, x)["params"])(
+        jax.random.key(cfg.run.seed), jnp.asarray(ds.x_train[:1])
+    )
+    eval_fn = runs.make_eval_fn(loss_fn)
+    evaluate = lambda p: runs.flat_eval(eval_fn(p, ds.x_test, ds.y_test))
+    return ds, params, tx, loss_fn, evaluate
 
 
 def _base_summary(cfg, steps, final_loss, eval_metrics, times, params, taus) -> dict:
@@ -207,15 +187,16 @@ def _base_summary(cfg, steps, final_loss, eval_metrics, times, params, taus) -> 
 def _chunk_batches(ds, cfg, first_update: int, count: int):
     """Host batches for updates ``first_update…+count`` with leading axes (count, n_push).
 
-    Fault injection: an update in ``cfg.nan_at_steps`` (1-based) gets a NaN in the first example
+    Fault injection: an update in ``run.nan_at_steps`` (1-based) gets a NaN in the first example
     of its first push, so its averaged gradient is NaN.
     """
-    k = cfg.staleness.n_push
+    k, seed = cfg.staleness.n_push, cfg.run.seed
     pushes = range(first_update * k, (first_update + count) * k)
-    xs, ys = zip(*(ds.batch(p, cfg.batch_size, cfg.seed) for p in pushes), strict=True)
+    xs, ys = zip(*(ds.batch(p, cfg.batch_size, seed) for p in pushes), strict=True)
     shape = (count, k)
     x, y = np.stack(xs).reshape(shape + xs[0].shape), np.stack(ys).reshape(shape + ys[0].shape)
-    poisoned = [u - first_update - 1 for u in cfg.nan_at_steps if 0 < u - first_update <= count]
+    nan_at = cfg.run.nan_at_steps
+    poisoned = [u - first_update - 1 for u in nan_at if 0 < u - first_update <= count]
     if poisoned:
         if not np.issubdtype(x.dtype, np.floating):
             raise ConfigError(f"--nan_at_steps needs float inputs; {cfg.dataset} has {x.dtype}")
@@ -223,20 +204,10 @@ def _chunk_batches(ds, cfg, first_update: int, count: int):
     return x, y
 
 
-def _next_stop(cfg, done: int, checkpoints: bool) -> int:
-    """The end of the chunk starting after update ``done``: the next multiple of log_every,
-    eval_every or (with a workdir) checkpoint_every, or the last update. The boundaries depend only
-    on the update count, so a resumed run replays the uninterrupted run's chunks exactly."""
-    periods = [cfg.log_every, cfg.eval_every]
-    if checkpoints and cfg.checkpoint_every:
-        periods.append(cfg.checkpoint_every)
-    return min([cfg.steps] + [(done // p + 1) * p for p in periods])
-
-
 def _record(cfg, schedule, metrics, i: int, step: int, eval_metrics, times) -> dict:
     """The JSONL record of update ``step`` (index ``i`` of its chunk's ``metrics``); staleness is
     the mean over the updates since the previous record."""
-    first = (step - 1) // cfg.log_every * cfg.log_every
+    first = (step - 1) // cfg.run.log_every * cfg.run.log_every
     record = {
         "step": step,
         **{k: v[i] for k, v in metrics.items() if k != "nonfinite_consecutive"},
@@ -252,77 +223,74 @@ def _record(cfg, schedule, metrics, i: int, step: int, eval_metrics, times) -> d
 def _first_nonfinite_stop(cfg, metrics) -> int | None:
     """Index in the chunk of the update that makes ``max_nonfinite`` skipped in a row, if any."""
     run = metrics.get("nonfinite_consecutive")
-    if not cfg.max_nonfinite or run is None:
+    if not cfg.run.max_nonfinite or run is None:
         return None
-    hits = np.flatnonzero(np.asarray(run) >= cfg.max_nonfinite)
+    hits = np.flatnonzero(np.asarray(run) >= cfg.run.max_nonfinite)
     return int(hits[0]) if hits.size else None
 
 
-def _run_emulated(cfg, ds, params, tx, loss_fn, evaluate, writers, ckpt, start) -> dict:
-    """Updates ``start+1 .. cfg.steps`` chunk by chunk: run, guard, eval, log, checkpoint."""
-    schedule = make_schedule(dataclasses.replace(cfg.staleness, seed=cfg.seed), cfg.steps)
+def _emulated(cfg: AsyncConfig) -> loop.Job:
+    """Chunks of updates between log / eval / checkpoint points, each one jitted scan."""
+    run = cfg.run
+    ds, params, tx, loss_fn, evaluate = _setup(cfg)
+    tx = optim.guarded(tx, run.max_nonfinite)  # skipped inside the update, on the mean gradient
+    schedule = make_schedule(dataclasses.replace(cfg.staleness, seed=run.seed), run.steps)
     emu = make_emulator(
         loss_fn, tx, int(schedule.taus.max()) + 1, cfg.staleness.n_push, cfg.staleness_aware_lr
     )
-    state, carried = emu.init(params), {}
-    if start:  # the fresh state is the template: the ring buffer's size and the optimizer layout
-        tree, carried = ckpt.restore(start, template={"state": state})
-        state = tree["state"]
-    record, eval_metrics = carried.get("record", {}), carried.get("eval", {})
-    progress, times, compiled, done = Progress(cfg.steps, start_step=start), [], set(), start
-    while done < cfg.steps:
-        count = _next_stop(cfg, done, ckpt is not None) - done
-        batches = _chunk_batches(ds, cfg, done, count)
-        t0 = time.perf_counter()
-        state, metrics = jax.block_until_ready(
-            emu.run(state, batches, schedule.taus[done : done + count])
+
+    def advance(tree, batches, first, n):
+        taus = schedule.taus[first : first + n]
+        state, metrics = jax.block_until_ready(emu.run(tree["state"], batches, taus))
+        return {"state": state}, metrics
+
+    def log(tree, metrics, host, first, n, stop, times):
+        if stop is not None:
+            return [
+                _record(cfg, schedule, metrics, stop, first + stop + 1, host["eval"], times)
+            ], host
+        done, host = first + n, dict(host)
+        if done % cfg.eval_every == 0 or done == run.steps:
+            host["eval"] = evaluate(tree["state"].params)
+        if done % run.log_every and done != run.steps:
+            return [], host
+        host["record"] = _record(cfg, schedule, metrics, n - 1, done, host["eval"], times)
+        return [host["record"]], host
+
+    def summary(tree, host, times):
+        record, params = host["record"], tree["state"].params
+        out = _base_summary(
+            cfg, run.steps, record.get("loss"), host["eval"], times, params, schedule.taus
         )
-        if count in compiled:  # the first chunk of each length compiles
-            times.append((time.perf_counter() - t0) / count)
-        compiled.add(count)
-        metrics = to_python(metrics)
-        bad = _first_nonfinite_stop(cfg, metrics)
-        if bad is not None:  # the chunk's state is dropped: the last checkpoint stays the latest
-            record = _record(cfg, schedule, metrics, bad, done + bad + 1, eval_metrics, times)
-            for w in writers:
-                w.write(record)
-            runs.stop_nonfinite(cfg, ckpt, done + bad + 1, writers)
-        done += count
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            eval_metrics = flat_eval(evaluate(state.params))
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            record = _record(cfg, schedule, metrics, count - 1, done, eval_metrics, times)
-            for w in writers:
-                w.write(record)
-            if not cfg.quiet:
-                progress.report(done, record)
-        if ckpt is not None and (
-            done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-        ):
-            meta = {"config": runs.config_json(cfg), "data_position": done}
-            ckpt.save(done, {"state": state}, {**meta, "record": record, "eval": eval_metrics})
-    return _emulated_summary(cfg, emu, schedule, state, record, eval_metrics, times)
+        out["history_size"] = emu.history_size
+        if schedule.times is not None:
+            out["sim_time"] = float(schedule.times[-1, -1])
+        if run.max_nonfinite:
+            out["nonfinite_steps"] = record.get("nonfinite_steps", 0)
+        return out
 
-
-def _emulated_summary(cfg, emu, schedule, state, record, eval_metrics, times) -> dict:
-    summary = _base_summary(
-        cfg, cfg.steps, record.get("loss"), eval_metrics, times, state.params, schedule.taus
+    return loop.Job(
+        tree={"state": emu.init(params)},
+        host={"record": {}, "eval": {}},
+        prepare=lambda first, n: _chunk_batches(ds, cfg, first, n),
+        advance=advance,
+        finish=lambda tree, metrics: to_python(metrics),
+        stop_at=lambda metrics: _first_nonfinite_stop(cfg, metrics),
+        log=log,
+        summary=summary,
+        periods=(run.log_every, cfg.eval_every),
     )
-    summary["history_size"] = emu.history_size
-    if schedule.times is not None:
-        summary["sim_time"] = float(schedule.times[-1, -1])
-    if cfg.max_nonfinite:
-        summary["nonfinite_steps"] = record.get("nonfinite_steps", 0)
-    return summary
 
 
-def _run_threads(cfg, ds, params, tx, loss_fn, evaluate, writer) -> dict:
+def _threads(cfg: AsyncConfig) -> loop.Job:
+    """One chunk: the worker threads run every push; the records come from the server's log."""
+    ds, params, tx, loss_fn, evaluate = _setup(cfg)
     s = cfg.staleness
     slow = straggler_ids(s.num_workers, s.straggler_fraction)
     slowdown = tuple(s.straggler_slowdown if w in slow else 1.0 for w in range(s.num_workers))
     tcfg = ThreadsConfig(
         num_workers=s.num_workers,
-        total_pushes=cfg.steps * s.n_push,
+        total_pushes=cfg.run.steps * s.n_push,
         lock=cfg.lock,
         n_push=s.n_push,
         staleness_aware=cfg.staleness_aware_lr,
@@ -332,23 +300,39 @@ def _run_threads(cfg, ds, params, tx, loss_fn, evaluate, writer) -> dict:
         fail_worker=cfg.fail_worker,
         fail_after=cfg.fail_after,
     )
-    res = run_threads(
-        tcfg, params, tx, loss_fn, lambda i: ds.batch(i, cfg.batch_size, cfg.seed), jax.devices()
+    batch = lambda i: ds.batch(i, cfg.batch_size, cfg.run.seed)
+
+    def advance(tree, inputs, first, n):
+        res = run_threads(tcfg, params, tx, loss_fn, batch, jax.devices())
+        return {"result": res}, res
+
+    def log(tree, res, host, first, n, stop, times):
+        out, every = [], cfg.run.log_every
+        for start in range(0, len(res.log), every):
+            window = res.log[start : start + every]
+            out.append(
+                {
+                    "step": start + len(window),
+                    "loss": float(np.mean([r.loss for r in window])),
+                    "staleness": float(np.mean([r.staleness for r in window])),
+                    "lock_wait_ms": 1e3 * float(np.median([r.lock_wait_s for r in window])),
+                    "wall_s": window[-1].time_s,
+                    "step_time_ms": median_ms(np.diff([r.time_s for r in window]).tolist()),
+                }
+            )
+        return out, host
+
+    def summary(tree, host, times):
+        res = tree["result"]
+        return _threads_summary(cfg, res, evaluate(res.params), slow)
+
+    return loop.Job(
+        tree={}, advance=advance, log=log, summary=summary, headline=lambda record: None
     )
-    log = res.log
-    for start in range(0, len(log), cfg.log_every):
-        window = log[start : start + cfg.log_every]
-        writer.write(
-            {
-                "step": start + len(window),
-                "loss": float(np.mean([r.loss for r in window])),
-                "staleness": float(np.mean([r.staleness for r in window])),
-                "lock_wait_ms": 1e3 * float(np.median([r.lock_wait_s for r in window])),
-                "wall_s": window[-1].time_s,
-                "step_time_ms": median_ms(np.diff([r.time_s for r in window]).tolist()),
-            }
-        )
-    eval_metrics = flat_eval(evaluate(res.params))
+
+
+def _threads_summary(cfg, res, eval_metrics, slow) -> dict:
+    log, s = res.log, cfg.staleness
     times = np.diff([0.0] + [r.time_s for r in log]).tolist()
     summary = _base_summary(
         cfg,
@@ -374,7 +358,7 @@ def _run_threads(cfg, ds, params, tx, loss_fn, evaluate, writer) -> dict:
             "failed_workers": {str(w): why for w, why in res.failures.items()},
         }
     )
-    if not cfg.quiet:
+    if not cfg.run.quiet:
         for w, why in res.failures.items():
             print(f"worker {w} failed: {why}")
     return summary

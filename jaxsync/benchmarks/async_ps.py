@@ -19,6 +19,7 @@ import tempfile
 from jaxsync.async_ps.staleness import StalenessConfig
 from jaxsync.async_ps.train import AsyncConfig, train_async
 from jaxsync.optim import OptimConfig
+from jaxsync.runs import make, replace
 
 STALENESS = (0, 1, 4, 16)
 SSP_BOUNDS = (0, 1, 4, -1)  # 0: BSP (Ho et al.: BSP is SSP with s = 0); -1: fully async
@@ -29,38 +30,29 @@ def _records(run, cfg):
     """Run ``run(cfg with a temp metrics_file)``; returns (summary, per-log-step records)."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.jsonl")
-        summary = run(dataclasses.replace(cfg, metrics_file=path))
+        summary = run(replace(cfg, metrics_file=path))
         with open(path) as f:
             records = [json.loads(x) for x in f][:-1]
     return summary, records
 
 
-SYNC_KEYS = (
-    "model",
-    "width",
-    "dataset",
-    "optim",
-    "batch_size",
-    "steps",
-    "seed",
-    "log_every",
-    "eval_every",
-    "quiet",
-)
+SYNC_KEYS = ("model", "width", "dataset", "optim", "batch_size", "eval_every")
 
 
 def _sync(base: AsyncConfig):
+    """The synchronous single-device run of ``base``'s model, data and run (no guard: it changes
+    float rounding, and the async runs have none)."""
     from jaxsync.train import TrainConfig, train_and_evaluate
 
     kw = {k: getattr(base, k) for k in SYNC_KEYS}
-    if "max_nonfinite" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        kw["max_nonfinite"] = 0  # train.py's non-finite guard changes float rounding
-    return _records(train_and_evaluate, TrainConfig(strategy="single", **kw))
+    run = dataclasses.replace(base.run, max_nonfinite=0)
+    return _records(train_and_evaluate, TrainConfig(strategy="single", **kw, run=run))
 
 
 def run_convergence(steps: int, lr: float, log=print) -> dict:
     """Every emulated configuration; returns ``{name: (summary, records)}``."""
-    base = AsyncConfig(
+    base = make(
+        AsyncConfig,
         model="mlp",
         width=32,
         dataset="teacher",
@@ -143,7 +135,8 @@ def report_rows(runs: dict, chance_loss: float = math.log(10)):
 
 def run_threads(steps: int, lr: float, log=print) -> list:
     """Real worker threads: 1 worker (sequential baseline) vs 4 workers, locks, a straggler."""
-    base = AsyncConfig(
+    base = make(
+        AsyncConfig,
         mode="threads",
         model="mlp",
         width=32,

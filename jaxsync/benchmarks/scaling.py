@@ -222,6 +222,7 @@ def run_lsr(cfg: LSRConfig, log=print) -> list[dict]:
     """Train every run of :func:`lsr_runs` for every seed with ``train_and_evaluate``; one row per
     (run, seed) with its final metrics and the test-set size."""
     from jaxsync import data, optim
+    from jaxsync.runs import make
     from jaxsync.train import TrainConfig, train_and_evaluate
 
     rows = []
@@ -238,7 +239,8 @@ def run_lsr(cfg: LSRConfig, log=print) -> list[dict]:
                     warmup_steps=run["warmup_steps"],
                     total_steps=run["steps"],
                 )
-                tc = TrainConfig(
+                tc = make(
+                    TrainConfig,
                     strategy=cfg.strategy,
                     num_devices=cfg.num_devices,
                     model="mlp",
