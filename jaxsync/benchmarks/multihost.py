@@ -1,0 +1,109 @@
+"""The multi-process benchmark (``experiments/bench_multihost.py``): the data-parallel step time of
+one job laid out as K processes × M devices (K·M fixed), each layout a real multi-process job on
+this machine (``scripts/launch_local.py``: gloo over loopback between processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from jaxsync import ConfigError
+from jaxsync.benchmarks import common
+
+
+def median_ms(fn, repeats: int) -> float:
+    """Median wall milliseconds of ``fn()`` (blocked until its result is ready) over ``repeats``."""
+    import jax
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def parse_layouts(texts, batch_size: int) -> list[tuple[int, int]]:
+    """``["1x8", "2x4"]`` -> ``[(1, 8), (2, 4)]``; ConfigError unless every layout has the same
+    K·M and it divides ``batch_size``."""
+    try:
+        layouts = [tuple(int(v) for v in x.lower().split("x")) for x in texts]
+    except ValueError:
+        raise ConfigError(f"--layouts must look like 2x4, got {list(texts)}") from None
+    if not layouts or any(len(lay) != 2 or min(lay) < 1 for lay in layouts):
+        raise ConfigError(f"--layouts must look like 2x4, got {list(texts)}")
+    if len({k * m for k, m in layouts}) != 1 or batch_size % (layouts[0][0] * layouts[0][1]):
+        raise ConfigError("all layouts need the same K·M, and it must divide --batch_size")
+    return layouts
+
+
+def worker(path: str, strategies, width: int, batch: int, repeats: int, warmup: int) -> None:
+    """One process of a job: time every strategy over all devices of all processes; process 0
+    writes ``{strategy: {step_ms, feed_ms}}`` to ``path``."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsync import data, losses, models, optim
+    from jaxsync.parallel.data_parallel import make_data_parallel
+
+    ds = data.load_dataset("teacher", 0)
+    model = models.make_model("mlp", ds.num_outputs, width)
+    loss_fn = losses.make_loss_fn(model.apply, ds.task)
+    tx = optim.make_optimizer(optim.OptimConfig(optimizer="sgd", learning_rate=0.01))
+    rows = {}
+    for name in strategies:
+        s = make_data_parallel(
+            loss_fn,
+            tx,
+            lambda r, x: model.init(r, x)["params"],
+            backend=name,
+            num_devices=jax.device_count(),
+        )
+        state = s.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))
+        host = ds.batch(0, batch, 0)
+        dev = s.put_batch(host)
+        box = [state]
+
+        def step(box=box, s=s, dev=dev):
+            box[0], metrics = s.step(box[0], dev)
+            return metrics
+
+        median_ms(step, 1 + warmup)  # compile, then warm up
+        rows[name] = {
+            "step_ms": median_ms(step, repeats),
+            "feed_ms": median_ms(lambda s=s, host=host: s.put_batch(host), repeats),
+        }
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(rows, f)
+
+
+def report(results: list[dict], first, config: dict, output: str) -> str:
+    """Adds each row's step time over the first layout's (same strategy, same run), writes the
+    JSON to ``output`` and returns the markdown table."""
+    base = {
+        r["strategy"]: r["step_ms"]
+        for r in results
+        if (r["processes"], r["devices_per_process"]) == tuple(first)
+    }
+    body = []
+    for r in results:
+        r["ratio_to_first"] = r["step_ms"] / base[r["strategy"]]
+        body.append(
+            [
+                f"{r['processes']} x {r['devices_per_process']}",
+                r["strategy"],
+                f"{r['step_ms']:.2f}",
+                f"{r['feed_ms']:.2f}",
+                f"{r['ratio_to_first']:.2f}",
+            ]
+        )
+    config = {**config, "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]}
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump({"config": config, "results": results}, f, indent=1)
+    headers = ["processes x devices", "strategy", "step ms", "feed ms", "step time / first layout"]
+    return common.markdown_table(headers, body)
