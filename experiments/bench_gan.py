@@ -79,7 +79,7 @@ def main(argv):
                 steps=FLAGS.steps or None,
             )
             method = benchmark.method_name(cfg)
-            row = kept.get((dataset, method, cfg.steps, len(seeds)))
+            row = kept.get((dataset, method, cfg.run.steps, len(seeds)))
             if row is None:
                 row = benchmark.run_cell(cfg, method, seeds, FLAGS.plot_dir)
             rows.append(row)

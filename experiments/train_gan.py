@@ -31,6 +31,7 @@ classes covered, mean classifier confidence and the class-histogram KL (digits).
 from absl import flags
 
 from jaxsync import cli
+from jaxsync.agents.gan.train import GANConfig
 from jaxsync.sync import backend_names
 
 FLAGS = flags.FLAGS
@@ -48,7 +49,6 @@ flags.DEFINE_string(
     f"Gradient sync for both nets: single (one device) or a sync backend: "
     f"{' | '.join(backend_names())} (jaxsync.sync.BACKENDS).",
 )
-flags.DEFINE_integer("steps", 3000, "Training steps, each one D update then one G update (>= 1).")
 flags.DEFINE_integer(
     "batch_size", 256, "Global batch over all devices (>= 1; divisible by devices × pac)."
 )
@@ -72,55 +72,28 @@ flags.DEFINE_string(
     "linear",
     "Learning-rate schedule: constant | linear | cosine (decay to 0 at --steps).",
 )
-flags.DEFINE_integer("seed", 0, "Seed for initialisation, data and latents.")
-flags.DEFINE_integer(
-    "log_every", 500, "Score samples and write a metrics line every this many steps (>= 1)."
-)
 flags.DEFINE_integer(
     "plot_every", 0, "Save a PNG every this many steps (>= 0; 0: only at the end)."
 )
 flags.DEFINE_string("plot_dir", "results/gan_plots", "Folder for the PNGs; '' for none.")
-flags.DEFINE_string(
-    "metrics_file", None, "JSONL metrics path (one object per logged step, then a summary object)."
-)
 cli.define_device_flags()
-cli.define_checkpoint_flags()
-cli.define_replica_flags()
+cli.define_run_flags(
+    GANConfig().run,
+    steps="Training steps, each one D update then one G update (>= 1).",
+    seed="Seed for initialisation, data and latents.",
+    log_every="Score samples and write a metrics line every this many steps (>= 1).",
+)
+OWN = ("dataset", "net", "width", "d_width", "d_depth", "latent_dim", "strategy", "num_devices")
+OWN += ("batch_size", "remedy", "pac", "r1_gamma", "unroll_steps", "optimizer", "g_lr", "d_lr")
+OWN += ("beta1", "schedule", "plot_every", "plot_dir")
 
 
 def main(argv):
     cli.init_runtime()
-    from jaxsync.agents.gan.train import GANConfig, train_gan
+    from jaxsync.agents.gan.train import train_gan
 
-    cfg = GANConfig(
-        dataset=FLAGS.dataset,
-        net=FLAGS.net,
-        width=FLAGS.width,
-        d_width=FLAGS.d_width,
-        d_depth=FLAGS.d_depth,
-        latent_dim=FLAGS.latent_dim,
-        strategy=FLAGS.strategy,
-        num_devices=FLAGS.num_devices,
-        steps=FLAGS.steps,
-        batch_size=FLAGS.batch_size,
-        remedy=FLAGS.remedy,
-        pac=FLAGS.pac,
-        r1_gamma=FLAGS.r1_gamma,
-        unroll_steps=FLAGS.unroll_steps,
-        optimizer=FLAGS.optimizer,
-        g_lr=FLAGS.g_lr,
-        d_lr=FLAGS.d_lr,
-        beta1=FLAGS.beta1,
-        schedule=FLAGS.schedule,
-        seed=FLAGS.seed,
-        log_every=FLAGS.log_every,
-        plot_every=FLAGS.plot_every,
-        plot_dir=FLAGS.plot_dir,
-        metrics_file=FLAGS.metrics_file,
-        check_replicas=FLAGS.check_replicas,
-        **cli.checkpoint_kwargs_from_flags(),
-    )
-    summary = train_gan(cfg)
+    own = {name: FLAGS[name].value for name in OWN}
+    summary = train_gan(GANConfig(**own, run=cli.run_config_from_flags(GANConfig().run)))
     print("summary " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "summary"))
 
 

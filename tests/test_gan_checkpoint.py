@@ -2,8 +2,6 @@
 optimizer states included), the same flags give the same run, NaN updates are skipped then stop
 the run with the last checkpoint intact."""
 
-import dataclasses
-
 import jax
 import killresume as kr
 import numpy as np
@@ -13,7 +11,7 @@ from jaxsync import ConfigError
 from jaxsync.agents.gan.train import GANConfig, train_gan
 from jaxsync.checkpoint import Checkpointer
 from jaxsync.parallel.common import param_checksum
-from jaxsync.runs import NonFiniteError
+from jaxsync.runs import NonFiniteError, make, replace
 
 # Chunks of 2 steps only (one compilation): log and checkpoint every 2 of 12 steps.
 FLAGS = [
@@ -77,11 +75,11 @@ NAN_STEPS = (3, 5, 6)  # step 3 skipped; 5 and 6 make 2 in a row: the stop at 6
 def nan_runs(tmp_path_factory):
     """The same flags run twice: ``(cfg, [workdir, workdir])``; each stops at step 6."""
     root = tmp_path_factory.mktemp("gan_nan")
-    cfg = GANConfig(**TINY, checkpoint_every=2, nan_at_steps=NAN_STEPS)
+    cfg = make(GANConfig, **TINY, checkpoint_every=2, nan_at_steps=NAN_STEPS)
     dirs = [root / "a", root / "b"]
     for w in dirs:
         with pytest.raises(NonFiniteError, match=r"stopped at step 6: 2 steps in a row.*\(step 4"):
-            train_gan(dataclasses.replace(cfg, workdir=str(w)))
+            train_gan(replace(cfg, workdir=str(w)))
     return cfg, dirs
 
 
@@ -108,5 +106,5 @@ def test_nan_steps_are_skipped_then_a_stop_keeps_the_last_checkpoint(nan_runs):
     assert [r["nonfinite_steps"] for r in records[1:4]] == [0, 1, 3]
     assert np.isnan(records[2]["d_loss"]) and records[-1]["stopped"] == "nonfinite"
     with pytest.raises(ConfigError, match=r"different run \(--remedy=pac\+r1 there, r1 now"):
-        train_gan(dataclasses.replace(cfg, workdir=str(w), remedy="r1"))
+        train_gan(replace(cfg, workdir=str(w), remedy="r1"))
     assert len(kr.records(w / "metrics.jsonl")) == 5  # a refused run writes nothing

@@ -13,6 +13,7 @@ from jaxsync import ConfigError, sync
 from jaxsync.agents.gan.train import GANConfig, chunk_boundaries, train_gan
 from jaxsync.benchmarks import gan as benchmark
 from jaxsync.replicas import ReplicaDivergence
+from jaxsync.runs import make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(steps=20, batch_size=32, width=16, log_every=10, eval_samples=200, quiet=True)
@@ -24,7 +25,8 @@ def _read(path):
 
 
 def test_ring8_run_writes_metrics_summary_and_pictures(tmp_path):
-    cfg = GANConfig(
+    cfg = make(
+        GANConfig,
         dataset="ring8",
         strategy="ring",
         num_devices=2,
@@ -50,7 +52,8 @@ def test_ring8_run_writes_metrics_summary_and_pictures(tmp_path):
 
 def test_digits_run_reports_classifier_scores(tmp_path):
     pytest.importorskip("sklearn")
-    cfg = GANConfig(
+    cfg = make(
+        GANConfig,
         dataset="digits",
         net="mlp",
         strategy="single",
@@ -79,7 +82,7 @@ def test_digits_run_reports_classifier_scores(tmp_path):
 )
 def test_bad_config_is_a_config_error(bad, match):
     with pytest.raises(ConfigError, match=match):
-        train_gan(GANConfig(**{**TINY, **bad}))
+        train_gan(make(GANConfig, **{**TINY, **bad}))
 
 
 def test_experiment_rejects_bad_flag_in_one_line(tmp_path):
@@ -107,17 +110,22 @@ def test_experiment_rejects_bad_flag_in_one_line(tmp_path):
 
 def test_replica_check_stops_a_run_whose_devices_diverge(monkeypatch):
     monkeypatch.setitem(sync.BACKENDS, "skewed", SKEWED)
-    cfg = GANConfig(
-        strategy="skewed", num_devices=2, check_replicas=2, plot_dir="", **{**TINY, "steps": 2}
+    cfg = make(
+        GANConfig,
+        strategy="skewed",
+        num_devices=2,
+        check_replicas=2,
+        plot_dir="",
+        **{**TINY, "steps": 2},
     )
     with pytest.raises(ReplicaDivergence, match="device 1 differs from device 0"):
         train_gan(cfg)
 
 
 def test_chunk_boundaries_hit_every_log_and_plot_step():
-    cfg = GANConfig(steps=25, log_every=10, plot_every=4)
+    cfg = make(GANConfig, steps=25, log_every=10, plot_every=4)
     assert chunk_boundaries(cfg) == [4, 8, 10, 12, 16, 20, 24, 25]
-    with_checks = GANConfig(steps=25, log_every=10, check_replicas=7)
+    with_checks = make(GANConfig, steps=25, log_every=10, check_replicas=7)
     assert chunk_boundaries(with_checks) == [7, 10, 14, 20, 21, 25]
 
 
@@ -171,7 +179,9 @@ def test_published_row_is_that_of_the_same_method():
 
 
 def test_method_names_follow_the_remedies():
-    name = lambda remedy: benchmark.method_name(GANConfig(remedy=remedy, pac=3, unroll_steps=4))
+    name = lambda remedy: benchmark.method_name(
+        make(GANConfig, remedy=remedy, pac=3, unroll_steps=4)
+    )
     assert name("none") == "GAN" and name("r1") == "GAN+R1"
     assert name("pac+r1") == "PacGAN3+R1" and name("unroll+pac") == "PacGAN3+unrolled4"
 
@@ -198,5 +208,5 @@ def test_benchmark_rejects_a_bad_dataset_before_any_run(tmp_path):
 
 def test_bench_config_takes_the_preset_then_overrides():
     cfg = benchmark.bench_config("grid25", "pac+r1", quick=True, r1_gamma=None, d_lr=1e-3)
-    assert (cfg.steps, cfg.width, cfg.d_depth, cfg.d_lr) == (5000, 256, 3, 1e-3)
+    assert (cfg.run.steps, cfg.width, cfg.d_depth, cfg.d_lr) == (5000, 256, 3, 1e-3)
     assert cfg.r1_gamma == GANConfig.r1_gamma  # None: not overridden

@@ -20,14 +20,13 @@ synthetic_data_experiments/results/Table1.png), and the table marks them "unveri
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from functools import partial
 
 import jax
 import numpy as np
 
-from jaxsync import ConfigError
+from jaxsync import ConfigError, runs
 from jaxsync.agents.gan import gan
 from jaxsync.agents.gan.train import (
     GANConfig,
@@ -82,8 +81,8 @@ def train_seeds(cfg: GANConfig, seeds: Sequence[int], chunk: int = 1000):
     init_keys, data_keys, eval_keys = (jax.random.wrap_key_data(keys[:, i]) for i in range(3))
     state = jax.jit(jax.vmap(partial(gan.init_gan_state, parts)))(init_keys)
     done = 0
-    while done < cfg.steps:
-        state, _ = run(state, data_keys, min(chunk, cfg.steps - done))
+    while done < cfg.run.steps:
+        state, _ = run(state, data_keys, min(chunk, cfg.run.steps - done))
         done = int(state.step[0])
     samples = np.asarray(
         jax.jit(jax.vmap(lambda p, k: gan.generate(parts, p, k, cfg.eval_samples)))(
@@ -140,7 +139,7 @@ def run_cell(cfg: GANConfig, method: str, seeds: Sequence[int], plot_dir: str) -
         "dataset": cfg.dataset,
         "method": method,
         "remedy": cfg.remedy,
-        "steps": cfg.steps,
+        "steps": cfg.run.steps,
         "seeds": len(seeds),
         "per_seed": scores,
     }
@@ -148,8 +147,8 @@ def run_cell(cfg: GANConfig, method: str, seeds: Sequence[int], plot_dir: str) -
         agg = aggregate([s[k] for s in scores])
         row[k], row[f"{k}_finite"] = (agg["mean"], agg["se"]), agg["finite"]
     if plot_dir:
-        pic_cfg = dataclasses.replace(cfg, plot_dir=plot_dir, seed=seeds[0])
-        row["png"] = save_picture(pic_cfg, real, samples[0], cfg.steps)
+        pic_cfg = runs.replace(cfg, plot_dir=plot_dir, seed=seeds[0])
+        row["png"] = save_picture(pic_cfg, real, samples[0], cfg.run.steps)
     return row
 
 
@@ -232,6 +231,6 @@ def bench_config(dataset: str, remedy: str, quick: bool = False, **overrides) ->
     fields.update({k: v for k, v in overrides.items() if v is not None})
     if quick:
         fields["steps"] = max(fields["steps"] // 4, 1)
-    cfg = GANConfig(**fields)
+    cfg = runs.make(GANConfig, **fields)
     validate(cfg)
     return cfg
