@@ -38,6 +38,113 @@ flags.DEFINE_string("speed_devices", "1,2,4,8", "Device counts for the speed tab
 flags.DEFINE_integer("repeats", 3, "Timed speed runs after compilation (median is reported).")
 flags.DEFINE_string("out", "results/bench_rl", "Output prefix: <out>.json and <out>_curves.png.")
 cli.define_device_flags(default_devices=8)
+SOLVED_RETURN = 475.0  # CartPole-v1's reward threshold (jaxsync.agents.rl.runner's too)
+
+
+# --- the whole-program timing harness: one jitted ``vmap(train)(keys)`` per configuration, its
+# compile time apart from its run (training runs with logs and checkpoints: runner.train_rl) ---
+
+
+def compile_train(agent: str, cfg, seeds: int, seed: int = 0):
+    """Compile ``train`` for ``seeds`` keys; returns ``(run, compile_s)`` with ``run() ->
+    (params, metrics)`` stacked over seeds and blocked until ready."""
+    import jax
+    import numpy as np
+
+    from jaxsync import ConfigError
+    from jaxsync.agents.rl import dqn, ppo
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    keys = jax.random.split(jax.random.PRNGKey(seed), seeds)
+    # Seeds are vmapped on one device. Under shard_map on 8 emulated CPU devices the vmapped
+    # program hung in XLA's CPU runtime (jax 0.10.2: all threads idle, no rendezvous waiting;
+    # 2 devices were fine), so there the compiled single-seed program runs once per seed.
+    vmapped = cfg.strategy == "single"
+    make_train = {"ppo": ppo.make_train, "dqn": dqn.make_train}[agent]
+    train = jax.jit(make_train(cfg, vmap_seeds=vmapped))
+    t0 = time.perf_counter()
+    compiled = train.lower(keys if vmapped else keys[0]).compile()
+    compile_s = time.perf_counter() - t0
+
+    def run():
+        if vmapped:
+            return jax.block_until_ready(compiled(keys))
+        outs = [jax.block_until_ready(compiled(k)) for k in keys]
+        return jax.tree.map(lambda *xs: np.stack(xs), *outs)
+
+    return run, compile_s
+
+
+def run_seeds(agent: str, cfg, seeds: int, seed: int = 0, repeats: int = 1) -> dict:
+    """Compile and run ``train`` for ``seeds`` keys; returns curves and timings.
+
+    Returns a dict with ``metrics`` (numpy arrays ``[seeds, updates]``), ``params`` (seed 0),
+    ``compile_s``, ``run_s`` (median over ``repeats``), ``env_steps`` (per seed),
+    ``env_steps_per_s`` (one training run's throughput) and ``total_env_steps_per_s`` (all seeds
+    together; equal to the former when seeds run one after another).
+    """
+    import jax
+    import numpy as np
+
+    from jaxsync import ConfigError
+
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    run, compile_s = compile_train(agent, cfg, seeds, seed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        params, metrics = run()
+        times.append(time.perf_counter() - t0)
+    run_s = float(np.median(times))
+    metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+    env_steps = int(metrics["env_steps"][0, -1])
+    vmapped = cfg.strategy == "single"
+    return {
+        "metrics": metrics,
+        "params": jax.tree.map(lambda x: x[0], params),
+        "compile_s": compile_s,
+        "run_s": run_s,
+        "env_steps": env_steps,
+        "env_steps_per_s": env_steps * (1 if vmapped else seeds) / run_s,
+        "total_env_steps_per_s": env_steps * seeds / run_s,
+    }
+
+
+def first_solved(env_steps, mean_return, threshold: float = SOLVED_RETURN):
+    """Env steps at which the 100-episode mean return first reached ``threshold`` (None: never)."""
+    import numpy as np
+
+    hit = np.nonzero(np.nan_to_num(mean_return, nan=-np.inf) >= threshold)[0]
+    return int(env_steps[hit[0]]) if hit.size else None
+
+
+def summarize(result: dict, threshold: float = SOLVED_RETURN) -> dict:
+    """Per-seed final / best 100-episode mean return and when each seed first solved the task."""
+    import numpy as np
+
+    from jaxsync.parallel.common import param_checksum
+
+    m = result["metrics"]
+    final = [float(r[-1]) for r in m["mean_return"]]
+    solved_at = [
+        first_solved(s, r, threshold)
+        for s, r in zip(m["env_steps"], m["mean_return"], strict=False)
+    ]
+    return {
+        "final_mean_return": float(np.mean(final)),
+        "final_mean_return_per_seed": final,
+        "best_mean_return_per_seed": [float(np.nanmax(r)) for r in m["mean_return"]],
+        "solved_at_per_seed": solved_at,
+        "seeds_solved": sum(s is not None for s in solved_at),
+        "env_steps": result["env_steps"],
+        "env_steps_per_s": result["env_steps_per_s"],
+        "total_env_steps_per_s": result["total_env_steps_per_s"],
+        "compile_s": result["compile_s"],
+        "run_s": result["run_s"],
+        "param_checksum": param_checksum(result["params"]),
+    }
 
 
 def quality_configs(total_steps):
@@ -63,12 +170,11 @@ def quality_configs(total_steps):
 
 
 def run_quality(total_steps, seeds):
-    from jaxsync.agents.rl import runner
 
     rows, curves = [], {}
     for name, (agent, cfg) in quality_configs(total_steps).items():
-        result = runner.run_seeds(agent, cfg, seeds)
-        s = runner.summarize(result)
+        result = run_seeds(agent, cfg, seeds)
+        s = summarize(result)
         final = s["final_mean_return_per_seed"]
         m = result["metrics"]
         curves[name] = (m["env_steps"][0].tolist(), m["mean_return"].tolist())
@@ -76,7 +182,7 @@ def run_quality(total_steps, seeds):
             {
                 "config": name,
                 "truncation": cfg.truncation,
-                "solved_at_end": sum(r >= runner.SOLVED_RETURN for r in final),
+                "solved_at_end": sum(r >= SOLVED_RETURN for r in final),
                 **{
                     k: s[k]
                     for k in (
@@ -100,13 +206,12 @@ def run_speed(total_steps, devices, repeats):
     processes on a shared machine falls on all configurations alike; median of ``repeats``."""
     import numpy as np
 
-    from jaxsync.agents.rl import runner
     from jaxsync.sync import backend_names
 
     plan = [(1, "single")] + [(n, "psum") for n in devices if n > 1]
     plan += [(max(devices), s) for s in backend_names() if s != "psum" and max(devices) > 1]
     cfgs = [speed_config(total_steps, n, s) for n, s in plan]
-    compiled = [runner.compile_train("ppo", cfg, 1) for cfg in cfgs]
+    compiled = [compile_train("ppo", cfg, 1) for cfg in cfgs]
     times = [[] for _ in cfgs]
     for _ in range(repeats):
         for i, (run, _) in enumerate(compiled):

@@ -1,4 +1,4 @@
-"""RL checkpoints (jaxsync/agents/rl/checkpointed.py): SIGKILL then resume is bitwise the
+"""RL checkpoints (jaxsync/agents/rl/runner.py): SIGKILL then resume is bitwise the
 uninterrupted run (PPO, 2 vmapped seeds), the same flags give the same run, NaN gradients are
 skipped then stop the run with the last checkpoint intact, and DQN resumes its whole state (replay
 buffer included) bitwise."""
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from jaxsync import ConfigError
-from jaxsync.agents.rl import checkpointed, dqn, ppo, runner
+from jaxsync.agents.rl import dqn, ppo, runner
 from jaxsync.checkpoint import Checkpointer
-from jaxsync.runs import NonFiniteError
+from jaxsync.runs import NonFiniteError, make
 
 # 2 envs × 16 steps, 1 epoch of 2 minibatches: 10 updates of 32 env steps, a checkpoint every 2.
 TINY_PPO = dict(num_envs=2, num_steps=16, num_minibatches=2, update_epochs=1, total_steps=320)
@@ -67,14 +67,15 @@ def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     # The whole runner state of both seeds: params, Adam, env states, obs, window, RNG keys.
     assert kr.trees_equal(kr.checkpointed_state(ref_dir, 10), kr.checkpointed_state(run_dir, 10))
     # A checkpoint only resumes the run it came from; refused before any compilation.
-    cfg = runner.RunConfig(
+    cfg = make(
+        runner.RLConfig,
         agent="ppo",
         agent_cfg=ppo.PPOConfig(**TINY_PPO, strategy="single", clip_eps=0.3),
         seeds=2,
         workdir=ref_dir,
     )
     with pytest.raises(ConfigError, match=r"different run \(--clip_eps=0.2 there, 0.3 now\)"):
-        runner.train_and_log(cfg)
+        runner.train_rl(cfg)
 
 
 TINY_DQN = dqn.DQNConfig(
@@ -92,16 +93,19 @@ TINY_DQN = dqn.DQNConfig(
 def _dqn(workdir):
     # DQN takes one gradient step per iteration from iteration 9 on. Iteration 10 is skipped
     # alone; 13 and 14 make max_nonfinite=2 in a row inside the chunk 13..16, which is dropped.
-    cfg = runner.RunConfig(
+    cfg = make(
+        runner.RLConfig,
         agent="dqn",
-        agent_cfg=dataclasses.replace(TINY_DQN, max_nonfinite=2, nan_at_steps=(10, 13, 14)),
+        agent_cfg=TINY_DQN,
         seeds=2,
         log_every=2,
         workdir=str(workdir),
         checkpoint_every=4,
+        max_nonfinite=2,
+        nan_at_steps=(10, 13, 14),
     )
     with pytest.raises(NonFiniteError, match=r"stopped at step 14: .*\(step 12\) is intact"):
-        runner.train_and_log(cfg)
+        runner.train_rl(cfg)
     return kr.records(workdir)
 
 
@@ -113,7 +117,7 @@ def test_nan_steps_are_skipped_then_stop_and_dqn_resumes_its_buffer_bitwise(tmp_
     assert [r["nonfinite_steps"] for r in records[9:15]] == [0, 1, 1, 1, 2, 3]
     assert records[-1]["stopped"] == "nonfinite"
     # PPO counts whole updates: max_nonfinite updates of epochs × minibatches steps each.
-    assert checkpointed.nonfinite_limit(ppo.PPOConfig(**TINY_PPO, max_nonfinite=2)) == 4
+    assert runner.nonfinite_limit(ppo.PPOConfig(**TINY_PPO, max_nonfinite=2)) == 4
 
     # Resume from iteration 8 (the replay buffer holds 16 of its 64 rows): the same run.
     os.makedirs(tmp_path / "run" / "checkpoints")

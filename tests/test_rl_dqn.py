@@ -1,7 +1,6 @@
 """DQN pieces on known numbers, a tiny end-to-end run through the runner (JSONL + summary), and the
 experiment's bad-input path."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +12,8 @@ import numpy as np
 import pytest
 
 from jaxsync import ConfigError
-from jaxsync.agents.rl import checkpointed, dqn, envs, runner
+from jaxsync.agents.rl import dqn, envs, runner
+from jaxsync.runs import make, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,17 +120,17 @@ def test_tiny_dqn_run_writes_jsonl_and_summary(tmp_path, monkeypatch):
     )
     path = tmp_path / "dqn.jsonl"
     checks = []  # the host loop checks replicas every 250 of the 500 iterations
-    real = checkpointed._Seeds.check_replicas
+    real = runner.Seeds.check_replicas
     monkeypatch.setattr(
-        checkpointed._Seeds, "check_replicas", lambda self, s: checks.append(1) or real(self, s)
+        runner.Seeds, "check_replicas", lambda self, s: checks.append(1) or real(self, s)
     )
-    run = runner.RunConfig(
-        agent="dqn", agent_cfg=cfg, seeds=2, log_every=500, metrics_file=str(path)
+    run = make(
+        runner.RLConfig, agent="dqn", agent_cfg=cfg, seeds=2, log_every=500, metrics_file=str(path)
     )
-    summary = runner.train_and_log(dataclasses.replace(run, check_replicas=250))
+    summary = runner.train_rl(replace(run, check_replicas=250))
     assert len(checks) == 2  # after iterations 250 and 500
     with pytest.raises(ConfigError, match="cannot use --check_replicas"):
-        runner.train_and_log(dataclasses.replace(run, check_replicas=250, repeats=2))
+        runner.train_rl(replace(run, check_replicas=250, repeats=2))
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["env_steps"] for r in lines[:-1]] == [4, 504, 1004, 1504, 2000]
     assert lines[-1]["summary"] and lines[-1]["env_steps"] == 2000

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxsync import ConfigError, check_at_least
+from jaxsync import ConfigError, check_at_least, optim
 from jaxsync.agents.rl import envs as envs_lib
 from jaxsync.agents.rl import parallel
 from jaxsync.agents.rl.networks import QNetwork
@@ -59,7 +59,7 @@ class DQNConfig:
     num_devices: int = 1
     strategy: str = "single"
     truncation: str = "bootstrap"  # bootstrap: Q(final obs) at the time limit; terminate: 0
-    # Non-finite guard (see checkpointed.py): gradient steps with NaN/Inf gradients are skipped;
+    # Non-finite guard (see runner.py): gradient steps with NaN/Inf gradients are skipped;
     # the run stops after max_nonfinite in a row (0: no guard). nan_at_steps: fault injection,
     # 1-based iterations whose gradient step (if they take one) gets NaN gradients.
     max_nonfinite: int = 0  # off here: the guard changes XLA's fusion, so rounding; train_rl: 10
@@ -273,7 +273,7 @@ def make_optimizer(cfg: DQNConfig) -> optax.GradientTransformation:
     tx = optax.adam(cfg.learning_rate)
     if cfg.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
-    return optax.apply_if_finite(tx, cfg.max_nonfinite) if cfg.max_nonfinite else tx
+    return optim.guarded(tx, cfg.max_nonfinite)
 
 
 def make_context(cfg: DQNConfig, axis_name: str = parallel.DATA_AXIS) -> parallel.AgentContext:

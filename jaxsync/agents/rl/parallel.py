@@ -21,11 +21,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxsync import ConfigError, replicas
+from jaxsync import ConfigError, optim, replicas
 from jaxsync.agents.rl import envs
 from jaxsync.mesh import DATA_AXIS, make_mesh
 from jaxsync.parallel.common import apply_optimizer
@@ -225,8 +224,7 @@ def guard_counts(opt_state, server_state: bool, axis_name: str | None):
     """``[consecutive, total]`` optimizer steps skipped by ``optax.apply_if_finite`` (float32;
     zeros without the guard), as this device's share of a :func:`pmean`: under a backend whose
     optimizer state lives on the server (device 0) only that copy counts, scaled by N."""
-    is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
-    guards = [s for s in jax.tree.leaves(opt_state, is_leaf=is_guard) if is_guard(s)]
+    guards = optim.nonfinite_guards(opt_state)
     if not guards:
         return jnp.zeros(2, jnp.float32)
     counts = jnp.stack([guards[0].notfinite_count, guards[0].total_notfinite]).astype(jnp.float32)

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxsync import ConfigError, check_at_least
+from jaxsync import ConfigError, check_at_least, optim
 from jaxsync.agents.rl import envs as envs_lib
 from jaxsync.agents.rl import parallel
+from jaxsync.agents.rl.gae import gae
 from jaxsync.agents.rl.networks import ActorCritic
 
 
@@ -59,7 +60,7 @@ class PPOConfig:
     num_devices: int = 1
     strategy: str = "single"
     truncation: str = "bootstrap"  # bootstrap: V(final obs) at the time limit; terminate: 0
-    # Non-finite guard (see checkpointed.py): minibatch steps with NaN/Inf gradients are skipped;
+    # Non-finite guard (see runner.py): minibatch steps with NaN/Inf gradients are skipped;
     # the run stops after max_nonfinite whole updates' worth in a row (0: no guard).
     # nan_at_steps: fault injection, 1-based updates whose gradients are all NaN.
     max_nonfinite: int = 0  # off here: the guard changes XLA's fusion, so rounding; train_rl: 10
@@ -120,39 +121,9 @@ class Batch(NamedTuple):
     target: jax.Array
 
 
-def gae(
-    rewards, values, dones, last_value, gamma: float, lam: float, truncated=None, final_values=None
-):
-    """Generalised advantage estimation (Schulman et al. 2016), time-major ``[T, ...]``.
-
-    δ_t = r_t + γ V(s_{t+1})(1 − d_t) + γ u_t V(s'_t) − V(s_t),  A_t = δ_t + γλ(1 − d_t) A_{t+1},
-    where d_t marks the last transition of an episode, V(s_T) = ``last_value``, and u_t
-    (``truncated``) marks an episode cut by a time limit, whose target bootstraps from the value
-    of its final observation s'_t (``final_values``; Pardo et al. 2018). Without ``truncated``
-    every episode end is a termination (u = 0), as in PureJaxRL.
-    Returns ``(advantages, value targets A_t + V(s_t))``.
-    """
-    bootstrap = truncated is not None
-
-    def back(carry, x):
-        next_adv, next_value = carry
-        r, v, d = x[:3]
-        nonterminal = 1.0 - d.astype(jnp.float32)
-        delta = r + gamma * next_value * nonterminal - v
-        if bootstrap:
-            delta = delta + gamma * x[3].astype(jnp.float32) * x[4]
-        adv = delta + gamma * lam * nonterminal * next_adv
-        return (adv, v), adv
-
-    xs = (rewards, values, dones) + ((truncated, final_values) if bootstrap else ())
-    init = (jnp.zeros_like(last_value), last_value)
-    _, adv = lax.scan(back, init, xs, reverse=True)
-    return adv, adv + values
-
-
 def advantages(traj: Transition, last_value, cfg: PPOConfig):
-    """:func:`gae` of a rollout, bootstrapping truncated episodes unless ``cfg.truncation`` is
-    ``terminate``."""
+    """:func:`~jaxsync.agents.rl.gae.gae` of a rollout, bootstrapping truncated episodes unless
+    ``cfg.truncation`` is ``terminate``."""
     extra = () if cfg.truncation == "terminate" else (traj.truncated, traj.final_value)
     return gae(traj.reward, traj.value, traj.done, last_value, cfg.gamma, cfg.gae_lambda, *extra)
 
@@ -227,9 +198,7 @@ def make_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
 
     lr = schedule if cfg.anneal_lr else cfg.learning_rate
     tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
-    if cfg.max_nonfinite:
-        return optax.apply_if_finite(tx, cfg.max_nonfinite * per_update)
-    return tx
+    return optim.guarded(tx, cfg.max_nonfinite * per_update)
 
 
 class RunnerState(NamedTuple):

@@ -1,66 +1,62 @@
-"""Run an RL agent for several seeds at once (``vmap``), time it, and summarise the curves.
+"""The one RL run path: an agent for several seeds, chunk by chunk in :func:`jaxsync.loop.run`.
 
-Shared by ``experiments/train_rl.py`` (one configuration, JSONL metrics) and
-``experiments/bench_rl.py`` (quality and speed tables). A run is one jitted call of
-``vmap(train)(keys)``; its compile time is measured apart from the run itself, so env steps/s are
-those of the whole training (rollout + update) after compilation.
+The run is the agent's ``make_chunked(cfg)``: a jitted ``init`` and ``run(state, start, n)`` whose
+composition over all updates is ``make_train``'s program. The loop runs it chunk by chunk; a chunk
+ends at the next multiple of ``checkpoint_every`` (with a workdir), of ``check_replicas``, or at
+the last update, so a resumed run replays the uninterrupted run's chunks exactly (same compiled
+programs, same inputs: bitwise the same state and metrics). An "update" is a PPO update (rollout
++ epochs × minibatches) or a DQN iteration (every env steps once); ``run.log_every`` counts env
+steps.
+
+The checkpoint (the layout of every run) holds the whole runner state of every seed (parameters,
+optimizer state with the guard's counters, env states, last observations, return window, RNG key,
+DQN's target network and replay buffer) and, as JSON, what the host accumulates: the last record,
+the last logged env step, each seed's best return and first solve.
+
+Non-finite guard: ``run.max_nonfinite`` and ``run.nan_at_steps`` are handed to the agent config;
+its optimizer runs under ``optax.apply_if_finite`` and the per-update metric
+``nonfinite_consecutive`` (optimizer steps skipped in a row, any seed) reaching the limit (PPO:
+``max_nonfinite`` whole updates, DQN: ``max_nonfinite`` gradient steps) stops the run with
+:class:`jaxsync.runs.NonFiniteError`; the chunk holding that update is dropped.
+
+``repeats`` > 1 (no workdir, no replica check): after the logged run, the compiled chunks run
+``repeats − 1`` more times from a fresh state; the throughput is the median over all runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxsync import ConfigError, check_at_least
+from jaxsync import ConfigError, loop, runs
 from jaxsync.agents.rl import dqn, ppo
-from jaxsync.metrics import MetricsWriter, to_python
+from jaxsync.metrics import to_python
 from jaxsync.parallel.common import param_checksum
 
-AGENTS = {"ppo": (ppo.PPOConfig, ppo.make_train), "dqn": (dqn.DQNConfig, dqn.make_train)}
+AGENTS = {"ppo": (ppo.PPOConfig, ppo.make_chunked), "dqn": (dqn.DQNConfig, dqn.make_chunked)}
 SOLVED_RETURN = 475.0  # CartPole-v1's reward threshold (Gymnasium registration)
+GUARD_FIELDS = ("max_nonfinite", "nan_at_steps")  # the run's, handed to the agent config
+_COMPILED = {}  # (agent, agent config, vmapped, seeds, chunk length) -> compiled chunk
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """One experiment: an agent config, how many seeds (vmapped) and where to log."""
+class RLConfig:
+    """One experiment: an agent config, how many seeds (vmapped) and the run. ``run.steps`` stays
+    0: the updates follow from the agent's ``total_steps`` (env steps)."""
 
     agent: str = "ppo"
     agent_cfg: Any = None
     seeds: int = 1
-    seed: int = 0
-    repeats: int = 1  # timed runs after compilation; steps/s is their median
-    log_every: int = 10_000  # env steps between JSONL records
-    metrics_file: str | None = None
-    # Checkpoints and resume (see checkpointed.py); "steps" are updates (PPO) or iterations
-    # (DQN). The guard's settings live in the agent config (max_nonfinite, nan_at_steps).
-    workdir: str | None = None
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    resume: bool = True
-    tensorboard: bool = False
-    quiet: bool = True
-    # K >= 1: every K updates and at the end, every device must hold the same bits of the state
-    # meant to be replicated (jaxsync.replicas; raises ReplicaDivergence). 0: off.
-    check_replicas: int = 0
-
-    # What jaxsync.train's workdir helpers read.
-    @property
-    def steps(self) -> int:
-        from jaxsync.agents.rl.checkpointed import num_updates
-
-        return num_updates(self.agent_cfg)
-
-    @property
-    def strategy(self) -> str:
-        return self.agent_cfg.strategy
-
-    @property
-    def max_nonfinite(self) -> int:
-        return self.agent_cfg.max_nonfinite
+    repeats: int = 1  # timed runs; steps/s is their median
+    # log_every: env steps between JSONL records; the guard off by default, as in the agents
+    # (it changes XLA's fusion, so rounding); train_rl.py's flags default to RunConfig's 10.
+    run: runs.RunConfig = runs.RunConfig(steps=0, log_every=10_000, quiet=True, max_nonfinite=0)
 
 
 def agent_config(agent: str, **overrides):
@@ -75,137 +71,232 @@ def agent_config(agent: str, **overrides):
     return cls(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def compile_train(agent: str, cfg, seeds: int, seed: int = 0):
-    """Compile ``train`` for ``seeds`` keys; returns ``(run, compile_s)`` with ``run() ->
-    (params, metrics)`` stacked over seeds and blocked until ready."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    keys = jax.random.split(jax.random.PRNGKey(seed), seeds)
-    # Seeds are vmapped on one device. Under shard_map on 8 emulated CPU devices the vmapped
-    # program hung in XLA's CPU runtime (jax 0.10.2: all threads idle, no rendezvous waiting;
-    # 2 devices were fine), so there the compiled single-seed program runs once per seed.
-    vmapped = cfg.strategy == "single"
-    train = jax.jit(AGENTS[agent][1](cfg, vmap_seeds=vmapped))
-    t0 = time.perf_counter()
-    compiled = train.lower(keys if vmapped else keys[0]).compile()
-    compile_s = time.perf_counter() - t0
-
-    def run():
-        if vmapped:
-            return jax.block_until_ready(compiled(keys))
-        outs = [jax.block_until_ready(compiled(k)) for k in keys]
-        return jax.tree.map(lambda *xs: np.stack(xs), *outs)
-
-    return run, compile_s
+def num_updates(agent_cfg) -> int:
+    return agent_cfg.num_updates if hasattr(agent_cfg, "num_updates") else agent_cfg.num_iters
 
 
-def run_seeds(agent: str, cfg, seeds: int, seed: int = 0, repeats: int = 1) -> dict:
-    """Compile and run ``train`` for ``seeds`` keys; returns curves and timings.
+def steps_per_update(agent_cfg) -> int:
+    if hasattr(agent_cfg, "steps_per_update"):
+        return agent_cfg.steps_per_update
+    return agent_cfg.steps_per_iter
 
-    Returns a dict with ``metrics`` (numpy arrays ``[seeds, updates]``), ``params`` (seed 0),
-    ``compile_s``, ``run_s`` (median over ``repeats``), ``env_steps`` (per seed),
-    ``env_steps_per_s`` (one training run's throughput) and ``total_env_steps_per_s`` (all seeds
-    together; equal to the former when seeds run one after another).
-    """
-    if repeats < 1:
-        raise ConfigError(f"repeats must be >= 1, got {repeats}")
-    run, compile_s = compile_train(agent, cfg, seeds, seed)
-    times = []
-    for _ in range(repeats):
+
+def nonfinite_limit(agent_cfg) -> int:
+    """Skipped optimizer steps in a row that stop the run (0: never)."""
+    return agent_cfg.max_nonfinite * getattr(agent_cfg, "opt_steps_per_update", 1)
+
+
+def guarded_agent(cfg: RLConfig):
+    """The agent config with the run's guard settings (what the compiled program sees)."""
+    return dataclasses.replace(cfg.agent_cfg, **{k: getattr(cfg.run, k) for k in GUARD_FIELDS})
+
+
+def _identity(config: dict) -> dict:
+    agent_cfg = {k: v for k, v in config.get("agent_cfg", {}).items() if k not in GUARD_FIELDS}
+    return {
+        "agent": config.get("agent"),
+        "seeds": config.get("seeds"),
+        "seed": config.get("seed"),
+        **agent_cfg,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _chunked(agent: str, agent_cfg, vmapped: bool):
+    """One ``Chunked`` per configuration in a process, so repeated runs reuse its compilations."""
+    return AGENTS[agent][1](agent_cfg, vmap_seeds=vmapped)
+
+
+class Seeds:
+    """All seeds' states: one vmapped state (one device) or one state per seed (several devices:
+    vmap inside shard_map hung on emulated CPU devices, jax 0.10.2: all threads idle, no
+    rendezvous waiting; 2 devices were fine)."""
+
+    def __init__(self, agent: str, agent_cfg, seeds: int, seed: int):
+        if seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+        self.vmapped = agent_cfg.strategy == "single"
+        self.agent = _chunked(agent, agent_cfg, self.vmapped)
+        self.keys = jax.random.split(jax.random.PRNGKey(seed), seeds)
+        self.cache_key = (agent, agent_cfg, self.vmapped, seeds)
+        self.compile_s = 0.0
+
+    def init(self):
+        if self.vmapped:
+            return self.agent.init(self.keys)
+        return [self.agent.init(k) for k in self.keys]
+
+    def _fn(self, state, start, n):
+        key = (*self.cache_key, n)
+        if key not in _COMPILED:  # compiled ahead, so run times exclude compilation
+            t0 = time.perf_counter()
+            one = state if self.vmapped else state[0]
+            _COMPILED[key] = self.agent.run.lower(one, start, n).compile()
+            self.compile_s += time.perf_counter() - t0
+        return _COMPILED[key]
+
+    def run(self, state, start: int, n: int):
+        """``(state, metrics as numpy [seeds, n], seconds)``."""
+        start = jnp.int32(start)
+        fn = self._fn(state, start, n)
         t0 = time.perf_counter()
-        params, metrics = run()
-        times.append(time.perf_counter() - t0)
-    run_s = float(np.median(times))
-    metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-    env_steps = int(metrics["env_steps"][0, -1])
-    vmapped = cfg.strategy == "single"
-    return {
-        "metrics": metrics,
-        "params": jax.tree.map(lambda x: x[0], params),
-        "compile_s": compile_s,
-        "run_s": run_s,
-        "env_steps": env_steps,
-        "env_steps_per_s": env_steps * (1 if vmapped else seeds) / run_s,
-        "total_env_steps_per_s": env_steps * seeds / run_s,
+        if self.vmapped:
+            state, metrics = jax.block_until_ready(fn(state, start))
+        else:
+            outs = [jax.block_until_ready(fn(s, start)) for s in state]
+            state = [o[0] for o in outs]
+            metrics = jax.tree.map(lambda *xs: np.stack(xs), *[o[1] for o in outs])
+        seconds = time.perf_counter() - t0
+        return state, {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}, seconds
+
+    def check_replicas(self, state) -> None:
+        for s in [state] if self.vmapped else state:
+            self.agent.check_replicas(s)
+
+    def params0(self, state):
+        if self.vmapped:
+            return jax.tree.map(lambda x: x[0], self.agent.params(state))
+        return self.agent.params(state[0])
+
+
+def validate(cfg: RLConfig) -> None:
+    runs.validate(cfg.run, min_steps=0)
+    if cfg.run.steps:
+        raise ConfigError("RL counts updates from the agent's --total_steps; leave run.steps at 0")
+    if cfg.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {cfg.repeats}")
+    if cfg.repeats > 1:
+        for flag in ("workdir", "check_replicas"):
+            if getattr(cfg.run, flag):
+                raise ConfigError(f"--repeats > 1 reruns whole trainings; it cannot use --{flag}")
+    if cfg.agent not in AGENTS:
+        raise ConfigError(f"unknown agent {cfg.agent!r}; choose from {sorted(AGENTS)}")
+
+
+def train_rl(cfg: RLConfig) -> dict:
+    """Train ``cfg`` chunk by chunk (checkpoints in ``run.workdir``); JSONL records every
+    ``run.log_every`` env steps, then the summary; returns the summary."""
+    validate(cfg)
+    agent_cfg = guarded_agent(cfg)
+    total = num_updates(agent_cfg)
+    build = lambda _: _job(cfg, agent_cfg, total)
+    return loop.run(cfg, total=total, strategy=agent_cfg.strategy, identity=_identity, build=build)
+
+
+def _record(metrics, i: int, update: int, rate: float) -> dict:
+    returns = metrics["mean_return"][:, i]  # NaN for a seed with no finished episode yet
+    rec = {
+        "step": update,
+        "env_steps": int(metrics["env_steps"][0, i]),
+        "mean_return": float(np.nanmean(returns)) if np.isfinite(returns).any() else None,
+        "mean_return_per_seed": returns,
+        "episodes": int(metrics["episodes"][0, i]),
+        "loss": float(np.mean(metrics["loss"][:, i])),
+        "env_steps_per_s": rate,
     }
+    if "nonfinite_steps" in metrics:
+        rec["nonfinite_steps"] = int(np.max(metrics["nonfinite_steps"][:, i]))
+    return to_python(rec)
 
 
-def first_solved(env_steps, mean_return, threshold: float = SOLVED_RETURN):
-    """Env steps at which the 100-episode mean return first reached ``threshold`` (None: never)."""
-    hit = np.nonzero(np.nan_to_num(mean_return, nan=-np.inf) >= threshold)[0]
-    return int(env_steps[hit[0]]) if hit.size else None
+def _accumulate(host: dict, metrics, upto: int, threshold: float = SOLVED_RETURN) -> None:
+    """Fold updates ``0 … upto`` of a chunk into each seed's final / best return and first solve."""
+    for s in range(metrics["mean_return"].shape[0]):
+        curve, steps = metrics["mean_return"][s, : upto + 1], metrics["env_steps"][s, : upto + 1]
+        host["final"][s] = None if np.isnan(curve[-1]) else float(curve[-1])
+        if np.isfinite(curve).any():
+            best = float(np.nanmax(curve))
+            host["best"][s] = best if host["best"][s] is None else max(host["best"][s], best)
+        hit = np.flatnonzero(np.nan_to_num(curve, nan=-np.inf) >= threshold)
+        if host["solved_at"][s] is None and hit.size:
+            host["solved_at"][s] = int(steps[hit[0]])
 
 
-def summarize(result: dict, threshold: float = SOLVED_RETURN) -> dict:
-    """Per-seed final / best 100-episode mean return and when each seed first solved the task."""
-    m = result["metrics"]
-    final = [float(r[-1]) for r in m["mean_return"]]
-    solved_at = [
-        first_solved(s, r, threshold)
-        for s, r in zip(m["env_steps"], m["mean_return"], strict=False)
-    ]
-    return {
-        "final_mean_return": float(np.mean(final)),
-        "final_mean_return_per_seed": final,
-        "best_mean_return_per_seed": [float(np.nanmax(r)) for r in m["mean_return"]],
-        "solved_at_per_seed": solved_at,
-        "seeds_solved": sum(s is not None for s in solved_at),
-        "env_steps": result["env_steps"],
-        "env_steps_per_s": result["env_steps_per_s"],
-        "total_env_steps_per_s": result["total_env_steps_per_s"],
-        "compile_s": result["compile_s"],
-        "run_s": result["run_s"],
-        "param_checksum": param_checksum(result["params"]),
-    }
-
-
-def log_records(writer: MetricsWriter, result: dict, log_every: int) -> None:
-    """One JSONL record per ``log_every`` env steps: returns of every seed and their mean."""
-    m = result["metrics"]
-    steps = m["env_steps"][0]
-    last = -log_every
-    for i, s in enumerate(steps):
-        if s - last < log_every and i != len(steps) - 1:
+def _records(cfg, host, chunk, first, upto, force) -> list[dict]:
+    """Records of updates ``first+1 … first+upto+1``: every ``log_every`` env steps since the last
+    record, and the last one when ``force`` (the run's last update, or the one that stopped it)."""
+    metrics, out = chunk["metrics"], []
+    for i in range(upto + 1):
+        env_steps = int(metrics["env_steps"][0, i])
+        if env_steps - host["last_logged"] < cfg.run.log_every and not (force and i == upto):
             continue
-        last = s
-        returns = m["mean_return"][:, i]  # NaN for a seed with no finished episode yet
-        rec = {
-            "env_steps": int(s),
-            "mean_return": float(np.nanmean(returns)) if np.isfinite(returns).any() else None,
-            "mean_return_per_seed": returns,
-            "episodes": int(m["episodes"][0, i]),
-            "loss": float(np.mean(m["loss"][:, i])),
-            "env_steps_per_s": result["env_steps_per_s"],  # the whole run's throughput
+        host["last_logged"] = env_steps
+        host["record"] = _record(metrics, i, first + i + 1, chunk["rate"])
+        out.append(host["record"])
+    return out
+
+
+def _first_stop(limit: int, metrics) -> int | None:
+    """Index in the chunk of the first update that reaches the guard's limit (any seed)."""
+    run = metrics.get("nonfinite_consecutive")
+    if not limit or run is None:
+        return None
+    hits = np.flatnonzero((run >= limit).any(0))
+    return int(hits[0]) if hits.size else None
+
+
+def _job(cfg: RLConfig, agent_cfg, total: int) -> loop.Job:
+    seeds = Seeds(cfg.agent, agent_cfg, cfg.seeds, cfg.run.seed)
+    spu, limit = steps_per_update(agent_cfg), nonfinite_limit(agent_cfg)
+    per_run = 1 if seeds.vmapped else cfg.seeds  # seeds one after another share the seconds
+    clock = {"start": None, "run_s": 0.0, "rate": float("nan")}  # this process's, not carried
+
+    def advance(tree, inputs, first, n):
+        clock["start"] = first if clock["start"] is None else clock["start"]
+        state, metrics, seconds = seeds.run(tree["state"], first, n)
+        clock["run_s"] += seconds
+        clock["rate"] = (first + n - clock["start"]) * spu * per_run / clock["run_s"]
+        return {"state": state}, {"metrics": metrics, "rate": clock["rate"]}
+
+    def log(tree, chunk, host, first, n, stop, times):
+        host = {k: list(v) if isinstance(v, list) else v for k, v in host.items()}
+        upto = n - 1 if stop is None else stop
+        records = _records(cfg, host, chunk, first, upto, stop is not None or first + n == total)
+        _accumulate(host, chunk["metrics"], upto)
+        return records, host
+
+    def summary(tree, host, times):
+        rate, run_s = clock["rate"], clock["run_s"]
+        if cfg.repeats > 1:  # no workdir, no replica check: the whole run was one chunk
+            again = [seeds.run(seeds.init(), 0, total)[2] for _ in range(1, cfg.repeats)]
+            run_s = float(np.median([run_s, *again]))
+            rate = total * spu * per_run / run_s
+        return _summary(cfg, agent_cfg, seeds, tree["state"], host, total * spu, run_s, rate)
+
+    none = [None] * cfg.seeds
+    host = {"record": {}, "last_logged": -cfg.run.log_every, "final": none, "best": none}
+    return loop.Job(
+        tree={"state": seeds.init()},
+        host={**host, "solved_at": none},
+        advance=advance,
+        stop_at=lambda chunk: _first_stop(limit, chunk["metrics"]),
+        log=log,
+        summary=summary,
+        check_replicas=lambda tree: seeds.check_replicas(tree["state"]),
+        headline=lambda record: {"mean_return": record["mean_return"] or float("nan")},
+    )
+
+
+def _summary(cfg, agent_cfg, seeds: Seeds, state, host, env_steps, run_s, rate) -> dict:
+    nan = lambda v: float("nan") if v is None else v
+    final = [nan(v) for v in host["final"]]
+    return to_python(
+        {
+            "summary": True,
+            "agent": cfg.agent,
+            "seeds": cfg.seeds,
+            "config": dataclasses.asdict(agent_cfg),
+            "final_mean_return": float(np.mean(final)),
+            "final_mean_return_per_seed": final,
+            "best_mean_return_per_seed": [nan(v) for v in host["best"]],
+            "solved_at_per_seed": host["solved_at"],
+            "seeds_solved": sum(s is not None for s in host["solved_at"]),
+            "env_steps": env_steps,
+            "nonfinite_steps": host["record"].get("nonfinite_steps", 0),
+            "env_steps_per_s": rate,
+            "total_env_steps_per_s": rate * cfg.seeds / (1 if seeds.vmapped else cfg.seeds),
+            "compile_s": seeds.compile_s,
+            "run_s": run_s,
+            "param_checksum": param_checksum(seeds.params0(state)),
         }
-        writer.write(to_python(rec))
-
-
-def train_and_log(cfg: RunConfig) -> dict:
-    """Run ``cfg`` and write its JSONL metrics, then the summary as the last line.
-
-    One timed run goes through :func:`checkpointed.train_chunked` (checkpoints, resume, the
-    non-finite stop); ``repeats`` > 1 times whole compiled runs, without a workdir.
-    """
-    if cfg.log_every < 1:
-        raise ConfigError(f"--log_every must be >= 1, got {cfg.log_every}")
-    check_at_least(cfg, ("check_replicas",), 0)
-    if cfg.repeats == 1:
-        from jaxsync.agents.rl.checkpointed import train_chunked
-
-        return train_chunked(cfg)
-    for flag in ("workdir", "check_replicas"):
-        if getattr(cfg, flag):
-            raise ConfigError(f"--repeats > 1 reruns whole trainings; it cannot use --{flag}")
-    result = run_seeds(cfg.agent, cfg.agent_cfg, cfg.seeds, cfg.seed, cfg.repeats)
-    summary = {
-        "summary": True,
-        "agent": cfg.agent,
-        "seeds": cfg.seeds,
-        "config": dataclasses.asdict(cfg.agent_cfg),
-        **summarize(result),
-    }
-    writer = MetricsWriter(cfg.metrics_file)
-    log_records(writer, result, cfg.log_every)
-    writer.write(to_python(summary))
-    writer.close()
-    return summary
+    )
