@@ -30,54 +30,36 @@ from absl import flags
 
 from jaxsync import cli
 from jaxsync.async_ps.lock import LOCK_POLICIES
-from jaxsync.async_ps.staleness import STALENESS_MODELS
-from jaxsync.async_ps.train import MODES
+from jaxsync.async_ps.staleness import STALENESS_MODELS, StalenessConfig
+from jaxsync.async_ps.train import MODES, AsyncConfig
 from jaxsync.runs import RunConfig
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "mode", "emulated", f"{' | '.join(MODES)}: jit staleness replay, or real worker threads."
-)
-flags.DEFINE_integer("num_workers", 4, "Workers (>= 1); threads mode needs one device each.")
-flags.DEFINE_integer(
-    "staleness",
-    0,
-    "Emulated staleness τ in server versions (>= 0): the value "
-    "for --staleness_model=fixed, the upper bound for uniform.",
-)
-flags.DEFINE_string(
-    "staleness_model",
-    "fixed",
-    f"Emulated staleness: {' | '.join(STALENESS_MODELS)}. round_robin: τ ≈ num_workers - 1; "
-    "stragglers: slow workers; transient: any gradient slow with probability "
-    "--straggler_fraction.",
-)
-flags.DEFINE_string(
-    "lock",
-    "fifo",
-    f"Lock policy of the server update (threads): {' | '.join(LOCK_POLICIES)} (none: "
+ASYNC = {  # AsyncConfig field -> help; each default is AsyncConfig's
+    "mode": f"{' | '.join(MODES)}: jit staleness replay, or real worker threads.",
+    "lock": f"Lock policy of the server update (threads): {' | '.join(LOCK_POLICIES)} (none: "
     "lock-free, Hogwild-style).",
-)
-flags.DEFINE_bool(
-    "staleness_aware_lr",
-    False,
-    "Divide each gradient's learning rate by max(τ, 1) (Zhang et al. 2016).",
-)
-flags.DEFINE_float("straggler_fraction", 0.0, "Fraction of workers that are slow, in [0, 1].")
-flags.DEFINE_float("straggler_slowdown", 1.0, "How many times slower a straggler is (>= 1).")
-flags.DEFINE_integer(
-    "n_push", 1, "Pushes averaged into one server update (Downpour's n_push, >= 1)."
-)
-flags.DEFINE_integer(
-    "ssp_bound",
-    -1,
-    "Stale Synchronous Parallel bound (round_robin / stragglers models, threads mode): "
-    "max clocks a worker may run ahead of the slowest (>= 0); -1 = unbounded.",
-)
-flags.DEFINE_float("timeout_s", 120.0, "Bound on every wait and on a threads run, seconds (> 0).")
-flags.DEFINE_integer(
-    "fail_worker", -1, "Threads mode demo: make this worker raise after 2 pushes (-1: none)."
-)
+    "staleness_aware_lr": "Divide each gradient's learning rate by max(τ, 1) (Zhang et al. 2016).",
+    "timeout_s": "Bound on every wait and on a threads run, seconds (> 0).",
+    "fail_worker": "Threads mode demo: make this worker raise after 2 pushes (-1: none).",
+}
+STALENESS = {  # StalenessConfig field (--staleness_model: model) -> help
+    "num_workers": "Workers (>= 1); threads mode needs one device each.",
+    "staleness": "Emulated staleness τ in server versions (>= 0): the value "
+    "for --staleness_model=fixed, the upper bound for uniform.",
+    "staleness_model": f"Emulated staleness: {' | '.join(STALENESS_MODELS)}. round_robin: "
+    "τ ≈ num_workers - 1; stragglers: slow workers; transient: any gradient slow with "
+    "probability --straggler_fraction.",
+    "straggler_fraction": "Fraction of workers that are slow, in [0, 1].",
+    "straggler_slowdown": "How many times slower a straggler is (>= 1).",
+    "n_push": "Pushes averaged into one server update (Downpour's n_push, >= 1).",
+    "ssp_bound": "Stale Synchronous Parallel bound (round_robin / stragglers models, threads "
+    "mode): max clocks a worker may run ahead of the slowest (>= 0); -1 = unbounded.",
+}
+RENAMED = {"staleness_model": "model"}
+cli.define_fields(AsyncConfig(), ASYNC)
+# StalenessConfig's defaults, but 4 workers on the command line (the library's default is 1).
+cli.define_fields(dataclasses.replace(StalenessConfig(), num_workers=4), STALENESS, RENAMED)
 cli.define_device_flags()
 cli.define_model_data_flags()
 cli.define_optim_flags()
@@ -87,29 +69,16 @@ cli.define_run_flags(RunConfig(), omit=("check_replicas",))
 
 def main(argv):
     cli.init_runtime()
-    from jaxsync.async_ps.staleness import StalenessConfig
-    from jaxsync.async_ps.train import AsyncConfig, train_async
+    from jaxsync.async_ps.train import train_async
 
     run = cli.run_config_from_flags()
     if FLAGS.mode == "threads" and not FLAGS["max_nonfinite"].present:
         run = dataclasses.replace(run, max_nonfinite=0)  # the guard's default is emulated-only
+    staleness = StalenessConfig(**cli.fields_from_flags(STALENESS, RENAMED), seed=run.seed)
     cfg = AsyncConfig(
-        mode=FLAGS.mode,
-        staleness=StalenessConfig(
-            model=FLAGS.staleness_model,
-            staleness=FLAGS.staleness,
-            num_workers=FLAGS.num_workers,
-            n_push=FLAGS.n_push,
-            straggler_fraction=FLAGS.straggler_fraction,
-            straggler_slowdown=FLAGS.straggler_slowdown,
-            ssp_bound=FLAGS.ssp_bound,
-            seed=run.seed,
-        ),
-        staleness_aware_lr=FLAGS.staleness_aware_lr,
-        lock=FLAGS.lock,
+        **cli.fields_from_flags(ASYNC),
+        staleness=staleness,
         **cli.model_data_kwargs_from_flags(),
-        timeout_s=FLAGS.timeout_s,
-        fail_worker=FLAGS.fail_worker,
         run=run,
     )
     summary = train_async(cfg)

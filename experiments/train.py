@@ -26,61 +26,30 @@ from jaxsync.sync import backend_names
 from jaxsync.train import TrainConfig
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "strategy",
-    "ring",
-    f"single | {' | '.join(backend_names())} (data parallel, jaxsync.sync.BACKENDS) | tp "
-    "(tensor) | pp (GPipe pipeline) | dp_tp (data x tensor mesh with "
+# The strategy's flags: TrainConfig field -> help; each default is TrainConfig's.
+STRATEGY = {
+    "strategy": f"single | {' | '.join(backend_names())} (data parallel, jaxsync.sync.BACKENDS) "
+    "| tp (tensor) | pp (GPipe pipeline) | dp_tp (data x tensor mesh with "
     "--num_devices / --model_parallel replicas).",
-)
-flags.DEFINE_string("frontend", "shard_map", "Front end for data parallelism: shard_map | pmap.")
-flags.DEFINE_integer(
-    "model_parallel",
-    2,
-    "tp / dp_tp: devices per model replica; pp: pipeline "
+    "frontend": "Front end for data parallelism: shard_map | pmap.",
+    "model_parallel": "tp / dp_tp: devices per model replica; pp: pipeline "
     "stages (>= 1; must divide num_heads, 4*width and the 4 layers).",
-)
-flags.DEFINE_integer(
-    "microbatches", 4, "pp: GPipe microbatches per global batch (>= 1, divides --batch_size)."
-)
-flags.DEFINE_string(
-    "tp_collective", "psum", "tp / dp_tp all-reduce: psum (XLA) | ring (jaxsync.collectives)."
-)
-flags.DEFINE_bool(
-    "shard_optimizer",
-    False,
-    "psum | ring: ZeRO-1/2, each device keeps 1/N of the "
+    "microbatches": "pp: GPipe microbatches per global batch (>= 1, divides --batch_size).",
+    "tp_collective": "tp / dp_tp all-reduce: psum (XLA) | ring (jaxsync.collectives).",
+    "shard_optimizer": "psum | ring: ZeRO-1/2, each device keeps 1/N of the "
     "optimizer state (element-wise optimizers; --clip_norm is applied globally).",
-)
-flags.DEFINE_integer(
-    "local_steps",
-    0,
-    "0: synchronous SGD; H >= 1: local SGD, each device steps "
+    "local_steps": "0: synchronous SGD; H >= 1: local SGD, each device steps "
     "on its own data; parameters are averaged every H steps by the backend's collective.",
-)
-flags.DEFINE_bool(
-    "average_opt_state", False, "--local_steps >= 1: also average the optimizer state."
-)
-flags.DEFINE_integer(
-    "grad_accum",
-    1,
-    "Microbatches per device per step (>= 1): one step on the "
+    "average_opt_state": "--local_steps >= 1: also average the optimizer state.",
+    "grad_accum": "Microbatches per device per step (>= 1): one step on the "
     "global --batch_size, split k ways (divides --batch_size / --num_devices).",
-)
-flags.DEFINE_string(
-    "precision",
-    "float32",
-    "float32 | bfloat16 (bfloat16 compute, float32 master weights and optimizer state).",
-)
-flags.DEFINE_string(
-    "compression",
-    "none",
-    "ring | ps gradient messages: none | bf16 | topk "
+    "precision": "float32 | bfloat16 (bfloat16 compute, float32 master weights and optimizer "
+    "state).",
+    "compression": "ring | ps gradient messages: none | bf16 | topk "
     "(largest --topk_ratio of each bucket); both with error feedback.",
-)
-flags.DEFINE_float(
-    "topk_ratio", 0.01, "--compression=topk: fraction of each gradient bucket sent, in (0, 1]."
-)
+    "topk_ratio": "--compression=topk: fraction of each gradient bucket sent, in (0, 1].",
+}
+cli.define_fields(TrainConfig(), STRATEGY)
 cli.define_device_flags()
 cli.define_distributed_flags()
 cli.define_model_data_flags()
@@ -95,20 +64,9 @@ def main(argv):
     from jaxsync.train import train_and_evaluate
 
     cfg = TrainConfig(
-        strategy=FLAGS.strategy,
-        frontend=FLAGS.frontend,
         num_devices=FLAGS.num_devices,
+        **cli.fields_from_flags(STRATEGY),
         **cli.model_data_kwargs_from_flags(),
-        model_parallel=FLAGS.model_parallel,
-        microbatches=FLAGS.microbatches,
-        tp_collective=FLAGS.tp_collective,
-        shard_optimizer=FLAGS.shard_optimizer,
-        local_steps=FLAGS.local_steps,
-        average_opt_state=FLAGS.average_opt_state,
-        grad_accum=FLAGS.grad_accum,
-        precision=FLAGS.precision,
-        compression=FLAGS.compression,
-        topk_ratio=FLAGS.topk_ratio,
         run=cli.run_config_from_flags(TrainConfig().run),
     )
     summary = train_and_evaluate(cfg)

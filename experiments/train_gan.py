@@ -35,46 +35,30 @@ from jaxsync.agents.gan.train import GANConfig
 from jaxsync.sync import backend_names
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "ring8", "Real data: ring8 | grid25 | digits (needs scikit-learn).")
-flags.DEFINE_string("net", "mlp", "Networks: mlp | conv (conv for --dataset=digits only).")
-flags.DEFINE_integer(
-    "width", 0, "Generator hidden width (mlp) or channels (conv); 0 picks 128 / 32."
-)
-flags.DEFINE_integer("d_width", 0, "Discriminator width or channels; 0: as --width.")
-flags.DEFINE_integer("d_depth", 2, "Discriminator hidden layers, mlp only (>= 1).")
-flags.DEFINE_integer("latent_dim", 0, "Latent z dimension; 0 picks 2 for the toys, 32 for digits.")
-flags.DEFINE_string(
-    "strategy",
-    "psum",
-    f"Gradient sync for both nets: single (one device) or a sync backend: "
+GAN = {  # GANConfig field -> help; each default is GANConfig's
+    "dataset": "Real data: ring8 | grid25 | digits (needs scikit-learn).",
+    "net": "Networks: mlp | conv (conv for --dataset=digits only).",
+    "width": "Generator hidden width (mlp) or channels (conv); 0 picks 128 / 32.",
+    "d_width": "Discriminator width or channels; 0: as --width.",
+    "d_depth": "Discriminator hidden layers, mlp only (>= 1).",
+    "latent_dim": "Latent z dimension; 0 picks 2 for the toys, 32 for digits.",
+    "strategy": "Gradient sync for both nets: single (one device) or a sync backend: "
     f"{' | '.join(backend_names())} (jaxsync.sync.BACKENDS).",
-)
-flags.DEFINE_integer(
-    "batch_size", 256, "Global batch over all devices (>= 1; divisible by devices × pac)."
-)
-flags.DEFINE_string(
-    "remedy",
-    "pac+r1",
-    "Mode-collapse remedy: none, or '+'-joined pac (PacGAN packing), r1 (R1 gradient penalty), "
-    "unroll (unrolled discriminator), e.g. pac+r1.",
-)
-flags.DEFINE_integer("pac", 2, "PacGAN packing degree m (>= 1) when --remedy has pac.")
-flags.DEFINE_float("r1_gamma", 0.1, "R1 penalty weight γ (>= 0) when --remedy has r1.")
-flags.DEFINE_integer(
-    "unroll_steps", 5, "Unrolled discriminator updates K (>= 1) when --remedy has unroll."
-)
-flags.DEFINE_string("optimizer", "adam", "Optimizer for both nets (jaxsync.optim names).")
-flags.DEFINE_float("g_lr", 1e-3, "Generator peak learning rate (> 0).")
-flags.DEFINE_float("d_lr", 1e-3, "Discriminator peak learning rate (> 0).")
-flags.DEFINE_float("beta1", 0.5, "Adam β1 for both nets, in [0, 1).")
-flags.DEFINE_string(
-    "schedule",
-    "linear",
-    "Learning-rate schedule: constant | linear | cosine (decay to 0 at --steps).",
-)
-flags.DEFINE_integer(
-    "plot_every", 0, "Save a PNG every this many steps (>= 0; 0: only at the end)."
-)
+    "batch_size": "Global batch over all devices (>= 1; divisible by devices × pac).",
+    "remedy": "Mode-collapse remedy: none, or '+'-joined pac (PacGAN packing), r1 (R1 gradient "
+    "penalty), unroll (unrolled discriminator), e.g. pac+r1.",
+    "pac": "PacGAN packing degree m (>= 1) when --remedy has pac.",
+    "r1_gamma": "R1 penalty weight γ (>= 0) when --remedy has r1.",
+    "unroll_steps": "Unrolled discriminator updates K (>= 1) when --remedy has unroll.",
+    "optimizer": "Optimizer for both nets (jaxsync.optim names).",
+    "g_lr": "Generator peak learning rate (> 0).",
+    "d_lr": "Discriminator peak learning rate (> 0).",
+    "beta1": "Adam β1 for both nets, in [0, 1).",
+    "schedule": "Learning-rate schedule: constant | linear | cosine (decay to 0 at --steps).",
+    "plot_every": "Save a PNG every this many steps (>= 0; 0: only at the end).",
+}
+cli.define_fields(GANConfig(), GAN)
+# The command line saves pictures by default; the library (GANConfig.plot_dir "") does not.
 flags.DEFINE_string("plot_dir", "results/gan_plots", "Folder for the PNGs; '' for none.")
 cli.define_device_flags()
 cli.define_run_flags(
@@ -83,17 +67,15 @@ cli.define_run_flags(
     seed="Seed for initialisation, data and latents.",
     log_every="Score samples and write a metrics line every this many steps (>= 1).",
 )
-OWN = ("dataset", "net", "width", "d_width", "d_depth", "latent_dim", "strategy", "num_devices")
-OWN += ("batch_size", "remedy", "pac", "r1_gamma", "unroll_steps", "optimizer", "g_lr", "d_lr")
-OWN += ("beta1", "schedule", "plot_every", "plot_dir")
 
 
 def main(argv):
     cli.init_runtime()
     from jaxsync.agents.gan.train import train_gan
 
-    own = {name: FLAGS[name].value for name in OWN}
-    summary = train_gan(GANConfig(**own, run=cli.run_config_from_flags(GANConfig().run)))
+    own = {**cli.fields_from_flags(GAN), "plot_dir": FLAGS.plot_dir}
+    run = cli.run_config_from_flags(GANConfig().run)
+    summary = train_gan(GANConfig(**own, num_devices=FLAGS.num_devices, run=run))
     print("summary " + " ".join(f"{k}={v}" for k, v in summary.items() if k != "summary"))
 
 

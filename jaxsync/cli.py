@@ -92,22 +92,35 @@ DEFAULT_RUN = RunConfig()
 _NOT_FLAGS = ("quiet",)  # set by the experiment, not on the command line
 
 
+def define_fields(defaults, helps: dict, fields: dict | None = None) -> None:
+    """One flag per entry of ``helps`` (flag name -> help text), its default the config field of
+    the same name (or ``fields[name]``) in ``defaults``, a config dataclass instance: the one
+    place of the default. The flag's type follows the default's."""
+    for name, text in helps.items():
+        default = getattr(defaults, (fields or {}).get(name, name))
+        if isinstance(default, bool):
+            flags.DEFINE_bool(name, default, text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, text)
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, default, text)
+        elif isinstance(default, tuple):
+            flags.DEFINE_list(name, list(map(str, default)), text)
+        else:
+            flags.DEFINE_string(name, default, text)
+
+
+def fields_from_flags(helps, fields: dict | None = None) -> dict:
+    """The values of the flags ``define_fields(…, helps, fields)`` declared, by config field."""
+    return {(fields or {}).get(name, name): FLAGS[name].value for name in helps}
+
+
 def define_run_flags(defaults: RunConfig = DEFAULT_RUN, omit=(), **help_texts) -> None:
     """One flag per :class:`jaxsync.runs.RunConfig` field (but ``quiet`` and ``omit``), its
     default taken from ``defaults`` (the experiment config's default ``run``), its help from
     :data:`RUN_HELP` or ``help_texts``."""
-    for f in dataclasses.fields(RunConfig):
-        if f.name in omit or f.name in _NOT_FLAGS:
-            continue
-        default, text = getattr(defaults, f.name), help_texts.get(f.name, RUN_HELP[f.name])
-        if isinstance(default, bool):
-            flags.DEFINE_bool(f.name, default, text)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(f.name, default, text)
-        elif isinstance(default, tuple):
-            flags.DEFINE_list(f.name, list(map(str, default)), text)
-        else:
-            flags.DEFINE_string(f.name, default, text)
+    names = [f.name for f in dataclasses.fields(RunConfig) if f.name not in (*omit, *_NOT_FLAGS)]
+    define_fields(defaults, {n: help_texts.get(n, RUN_HELP[n]) for n in names})
 
 
 def run_config_from_flags(defaults: RunConfig = DEFAULT_RUN, **overrides) -> RunConfig:

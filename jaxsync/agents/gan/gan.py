@@ -43,7 +43,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsync import ConfigError
+from jaxsync import ConfigError, optim
 from jaxsync.agents.gan.data import RealData
 from jaxsync.mesh import DATA_AXIS, make_mesh
 from jaxsync.parallel.common import apply_optimizer
@@ -183,8 +183,7 @@ def global_batch(parts: GANParts, key, step):
 def guard_counts(opt_states) -> tuple[jax.Array, jax.Array]:
     """``(consecutive, total)`` skipped updates kept by ``optax.apply_if_finite`` in
     ``opt_states``, the max over the guards found (G's and D's); zeros without a guard."""
-    is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
-    guards = [g for g in jax.tree.leaves(opt_states, is_leaf=is_guard) if is_guard(g)]
+    guards = optim.nonfinite_guards(opt_states)
     zero = jnp.zeros((), jnp.int32)
     consecutive = [jnp.max(g.notfinite_count).astype(jnp.int32) for g in guards]
     total = [jnp.max(g.total_notfinite).astype(jnp.int32) for g in guards]
