@@ -7,7 +7,6 @@ are chosen from ``STRATEGIES``, a plain dict from the ``--strategy`` value to a 
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import jax
 import jax.numpy as jnp
@@ -64,12 +63,19 @@ class TrainConfig:
     topk_ratio: float = 0.01  # topk: fraction of each gradient bucket sent, in (0, 1]
 
 
-def _single(cfg, loss_fn, tx, model_init):
+def _loss_and_init(model, task):
+    """``(loss_fn, model_init)`` of a flax module for a loss task."""
+    return losses.make_loss_fn(model.apply, task), lambda r, x: model.init(r, x)["params"]
+
+
+def _single(cfg, model, task, tx):
+    loss_fn, model_init = _loss_and_init(model, task)
     return make_single(loss_fn, tx, model_init, grad_accum=cfg.grad_accum)
 
 
-def _data_parallel(cfg, loss_fn, tx, model_init):
+def _data_parallel(cfg, model, task, tx):
     tx, options = _dist_options(cfg, tx)
+    loss_fn, model_init = _loss_and_init(model, task)
     return make_data_parallel(
         loss_fn,
         tx,
@@ -133,19 +139,12 @@ def _validate_dist(cfg) -> None:
         )
 
 
-def _flat(cfg):
-    """The config with its run fields flat beside the others, for builders that read
-    ``cfg.seed`` (parallel/tensor.py's ``model_and_task``)."""
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "run"}
-    return types.SimpleNamespace(**fields, **dataclasses.asdict(cfg.run))
+def _tensor_parallel(cfg, model, task, tx):
+    return tensor.from_config(cfg, model, task, tx)
 
 
-def _tensor_parallel(cfg, loss_fn, tx, model_init):
-    return tensor.from_config(_flat(cfg), tx)
-
-
-def _pipeline(cfg, loss_fn, tx, model_init):
-    return pipeline.from_config(_flat(cfg), tx)
+def _pipeline(cfg, model, task, tx):
+    return pipeline.from_config(cfg, model, task, tx)
 
 
 MODEL_PARALLEL = ("tp", "pp", "dp_tp")  # they check their own batch and mesh sizes
@@ -208,11 +207,10 @@ def _build(cfg: TrainConfig):
     ds = runs.load_data(cfg)
     model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
     model = precision.apply_policy(model, cfg.precision)  # bf16 compute, float32 master weights
-    loss_fn = losses.make_loss_fn(model.apply, ds.task)
     tx = optim.make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.run.steps))
     tx = optim.guarded(tx, cfg.run.max_nonfinite)  # the skip sees the synchronised gradient
-    strategy = STRATEGIES[cfg.strategy](cfg, loss_fn, tx, lambda r, x: model.init(r, x)["params"])
-    return ds, strategy, runs.make_eval_fn(loss_fn)
+    strategy = STRATEGIES[cfg.strategy](cfg, model, ds.task, tx)
+    return ds, strategy, runs.make_eval_fn(_loss_and_init(model, ds.task)[0])
 
 
 def _job(cfg: TrainConfig) -> loop.Job:

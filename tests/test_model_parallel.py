@@ -17,7 +17,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxsync import ConfigError, losses, optim, sync
+from jaxsync import ConfigError, losses, models, optim, runs, sync
 from jaxsync.mesh import make_mesh
 from jaxsync.models.transformer import MLPBlock, Transformer
 from jaxsync.parallel import pipeline, tensor
@@ -210,14 +210,15 @@ def test_bad_sizes_raise_config_error(kw, match):
     cfg = _cfg(**kw)
     validate(cfg)
     build = STRATEGIES[cfg.strategy]  # train.py's registry: pipeline / tensor.from_config
+    model = models.make_model(cfg.model, runs.load_data(cfg).num_outputs, cfg.width)
     with pytest.raises(ConfigError, match=match):
-        build(cfg, None, optim.make_optimizer(cfg.optim), None)
+        build(cfg, model, "classification", optim.make_optimizer(cfg.optim))
 
 
 def test_mesh_too_big_microbatches_below_one_and_unknown_collective():
     with pytest.raises(ConfigError, match="asked for 16 devices"):
         cfg = _cfg(strategy="dp_tp", num_devices=16, model_parallel=2)
-        STRATEGIES["dp_tp"](cfg, None, optax.sgd(0.1), None)
+        STRATEGIES["dp_tp"](cfg, MODEL, TASK, optax.sgd(0.1))
     with pytest.raises(ConfigError, match="--microbatches must be >= 1"):
         validate(_cfg(strategy="pp", microbatches=0))
     # A sync backend without a tensor-parallel all-reduce is refused, not sent to the ring.

@@ -28,9 +28,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
+from jaxsync import optim
 from jaxsync.async_ps.staleness import apply_staleness_aware, combine_pushes, staleness_scale
 
 
@@ -68,8 +68,7 @@ def _guard_counts(opt_state) -> dict:
     A skipped update (NaN/Inf gradient) leaves the parameters as they were but still advances the
     server version, so the staleness schedule stays a function of the update count.
     """
-    is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
-    guards = [s for s in jax.tree.leaves(opt_state, is_leaf=is_guard) if is_guard(s)]
+    guards = optim.nonfinite_guards(opt_state)
     if not guards:
         return {}
     return {

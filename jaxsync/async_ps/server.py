@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from jaxsync.async_ps.lock import LockService
 from jaxsync.async_ps.staleness import apply_staleness_aware, combine_pushes
-from jaxsync.parallel.common import apply_optimizer
+from jaxsync.sync.base import apply_optimizer
 
 
 class UpdateRecord(NamedTuple):

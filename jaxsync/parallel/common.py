@@ -8,9 +8,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
 
 from jaxsync.replicas import check_replicas
-from jaxsync.sync.base import apply_optimizer  # noqa: F401  (strategies import it from here)
 
 
 class TrainState(NamedTuple):
@@ -44,6 +45,19 @@ class Strategy(NamedTuple):
     params: Callable
     num_devices: int
     check_replicas: Callable = lambda state: check_replicas(state.params)
+
+
+def state_specs(tx, state: TrainState, specs) -> TrainState:
+    """Specs of a whole TrainState: optimizer moments follow their parameter, the rest replicate."""
+    opt = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        state.opt_state,
+        specs,
+        transform_non_params=lambda _: P(),
+        is_leaf=lambda x: isinstance(x, P),
+    )
+    return TrainState(P(), specs, opt)
 
 
 def init_state(model_init, tx, rng, sample_x) -> TrainState:

@@ -23,9 +23,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsync import ConfigError
 from jaxsync.mesh import DATA_AXIS, make_mesh, put_global_batch
-from jaxsync.parallel.common import Strategy, TrainState, apply_optimizer, init_state
+from jaxsync.parallel.common import Strategy, TrainState, init_state
 from jaxsync.replicas import check_replicas
 from jaxsync.sync import make_backend
+from jaxsync.sync.base import apply_optimizer
 
 FRONTENDS = ("shard_map", "pmap")
 

@@ -39,8 +39,8 @@ from jax.sharding import PartitionSpec as P
 from jaxsync import ConfigError, losses
 from jaxsync.mesh import MODEL_AXIS, make_mesh, put_global_batch
 from jaxsync.models.transformer import Embed, Head, block_of
-from jaxsync.parallel.common import Strategy, TrainState, apply_optimizer
-from jaxsync.parallel.tensor import model_and_task, state_specs
+from jaxsync.parallel.common import Strategy, TrainState, state_specs
+from jaxsync.sync.base import apply_optimizer
 
 STAGE_AXIS = MODEL_AXIS
 
@@ -236,9 +236,9 @@ def make_pipeline(
     )
 
 
-def from_config(cfg, tx) -> Strategy:
-    """``--strategy=pp`` from a TrainConfig: P = model_parallel stages, M = microbatches."""
-    module, task = model_and_task(cfg)
+def from_config(cfg, module, task: str, tx) -> Strategy:
+    """``--strategy=pp`` from a TrainConfig, for the module and loss task the loop built:
+    P = model_parallel stages, M = microbatches."""
     check_pipeline(module, cfg.model_parallel, cfg.microbatches, cfg.batch_size)
     return make_pipeline(
         module,

@@ -29,15 +29,14 @@ logical-axis rules: the model names its parameters, the table places them.
 from __future__ import annotations
 
 import jax
-import optax
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsync import ConfigError, data, losses, models
+from jaxsync import ConfigError, losses
 from jaxsync.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, put_global_batch
 from jaxsync.models.transformer import TensorSplit
-from jaxsync.parallel.common import Strategy, TrainState, init_state
+from jaxsync.parallel.common import Strategy, init_state, state_specs
 from jaxsync.parallel.data_parallel import make_device_step
 from jaxsync.sync import BACKENDS, make_backend
 
@@ -96,19 +95,6 @@ def param_specs(params, axis: str = MODEL_AXIS):
         return P() if dim is None else P(*([None] * dim), axis)
 
     return jax.tree_util.tree_map_with_path(spec, params)
-
-
-def state_specs(tx, state: TrainState, specs) -> TrainState:
-    """Specs of a whole TrainState: optimizer moments follow their parameter, the rest replicate."""
-    opt = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        state.opt_state,
-        specs,
-        transform_non_params=lambda _: P(),
-        is_leaf=lambda x: isinstance(x, P),
-    )
-    return TrainState(P(), specs, opt)
 
 
 def check_splittable(module, shards: int) -> None:
@@ -216,14 +202,9 @@ def make_tensor_parallel(
     )
 
 
-def model_and_task(cfg):
-    """The flax module and loss task a TrainConfig names (the data set fixes vocab and task)."""
-    ds = data.load_dataset(cfg.dataset, cfg.seed, cfg.data_dir)
-    return models.make_model(cfg.model, ds.num_outputs, cfg.width), ds.task
-
-
-def from_config(cfg, tx) -> Strategy:
-    """``--strategy=tp`` (D = 1) or ``dp_tp`` (D = num_devices / model_parallel) from a config."""
+def from_config(cfg, module, task: str, tx) -> Strategy:
+    """``--strategy=tp`` (D = 1) or ``dp_tp`` (D = num_devices / model_parallel) from a config,
+    for the module and loss task the loop built."""
     p = cfg.model_parallel
     d = 1
     if cfg.strategy == "dp_tp":
@@ -235,7 +216,6 @@ def from_config(cfg, tx) -> Strategy:
         d = cfg.num_devices // p
     if cfg.batch_size % d:
         raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by the data axis ({d})")
-    module, task = model_and_task(cfg)
     return make_tensor_parallel(
         module,
         task,

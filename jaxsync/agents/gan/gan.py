@@ -46,9 +46,9 @@ from jax.sharding import PartitionSpec as P
 from jaxsync import ConfigError, optim
 from jaxsync.agents.gan.data import RealData
 from jaxsync.mesh import DATA_AXIS, make_mesh
-from jaxsync.parallel.common import apply_optimizer
 from jaxsync.replicas import check_replicas
 from jaxsync.sync import backend_names, make_backend
+from jaxsync.sync.base import apply_optimizer
 
 
 class GANState(NamedTuple):

@@ -27,8 +27,8 @@ from jax.sharding import PartitionSpec as P
 from jaxsync import ConfigError, optim, replicas
 from jaxsync.agents.rl import envs
 from jaxsync.mesh import DATA_AXIS, make_mesh
-from jaxsync.parallel.common import apply_optimizer
 from jaxsync.sync import BACKENDS, SyncBackend, make_backend
+from jaxsync.sync.base import apply_optimizer
 
 STRATEGIES = ("single", *BACKENDS)
 
