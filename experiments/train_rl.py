@@ -20,15 +20,10 @@ command again resumes from the latest checkpoint, bitwise the uninterrupted run 
 
   python experiments/train_rl.py --workdir=runs/ppo --checkpoint_every=50
 
-Gradient steps with NaN/Inf gradients are skipped; the run stops after ``--max_nonfinite`` in a row
-(PPO: whole updates, DQN: gradient steps) with the last checkpoint intact.
-
-At CartPole's 500-step time limit both agents bootstrap from the value of the final observation
-(``--truncation=bootstrap``); ``--truncation=terminate`` treats the limit as a termination, as
-PureJaxRL does. ``--check_replicas=K`` compares every device's copy of the parameters (and of the
-other replicated state) bit for bit every K updates and at the end.
-
-Hyperparameter flags left unset keep the agent's defaults (``PPOConfig`` / ``DQNConfig``).
+NaN/Inf gradient steps are skipped, up to ``--max_nonfinite`` in a row. ``--truncation=terminate``
+treats CartPole's time limit as a termination, as PureJaxRL does (default: bootstrap).
+``--check_replicas=K`` compares every device's copy bit for bit every K updates. Hyperparameter
+flags left unset keep the agent's defaults (``PPOConfig`` / ``DQNConfig``).
 """
 
 from absl import flags
@@ -50,42 +45,7 @@ flags.DEFINE_string("env", "CartPole-v1", "Environment: CartPole-v1 (built in) o
 flags.DEFINE_integer("total_steps", 500_000, "Env steps over all devices (>= one update).")
 flags.DEFINE_integer("seeds", 1, "Seeds trained at once with vmap (>= 1).")
 flags.DEFINE_integer("repeats", 1, "Timed runs after compilation; env steps/s is their median.")
-# Hyperparameters; unset: the agent's default. name -> (type, help); PPO / DQN ones apply to it.
-DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}
-DEFINE[str] = flags.DEFINE_string
-SHARED = {
-    "truncation": (
-        str,
-        "At the time limit: bootstrap (target r + γ·value of the final "
-        "observation; default) | terminate (target r, PureJaxRL's behaviour).",
-    ),
-    "num_envs": (int, "Environments per device (>= 1); default PPO 4, DQN 10."),
-    "learning_rate": (float, "Adam learning rate (> 0); default 2.5e-4."),
-    "gamma": (float, "Discount factor in [0, 1]; default 0.99."),
-    "max_grad_norm": (float, "Global gradient-norm clip (PPO 0.5, DQN 10; 0 = off)."),
-}
-PPO = {
-    "num_steps": (int, "PPO: rollout length per env per update; default 128."),
-    "update_epochs": (int, "PPO: epochs over each rollout; default 4."),
-    "num_minibatches": (int, "PPO: minibatches per epoch (divides num_steps); default 4."),
-    "gae_lambda": (float, "PPO: GAE λ in [0, 1]; default 0.95."),
-    "clip_eps": (float, "PPO: ratio / value clip ε; default 0.2."),
-    "ent_coef": (float, "PPO: entropy bonus coefficient; default 0.01."),
-    "vf_coef": (float, "PPO: value loss coefficient; default 0.5."),
-    "anneal_lr": (bool, "PPO: decay the learning rate linearly to 0; default true."),
-}
-DQN = {
-    "buffer_size": (int, "DQN: replay capacity per device; default 10000."),
-    "batch_size": (int, "DQN: replay minibatch per device; default 128."),
-    "eps_end": (float, "DQN: final ε of the ε-greedy schedule; default 0.05."),
-    "eps_fraction": (float, "DQN: fraction of total_steps to decay ε; default 0.5."),
-    "learning_starts": (int, "DQN: env steps before learning; default 10000."),
-    "train_frequency": (int, "DQN: env steps per gradient step; default 10."),
-    "target_update_interval": (int, "DQN: env steps between target-network updates; default 500."),
-    "double_dqn": (bool, "DQN: Double-DQN targets; default false."),
-}
-for name, (kind, text) in {**SHARED, **PPO, **DQN}.items():
-    DEFINE[kind](name, None, text)
+cli.define_rl_hyperparameter_flags()
 cli.define_device_flags(default_devices=1)
 # RunConfig's guard default (10; RLConfig's library default is off); log_every in env steps.
 cli.define_run_flags(
@@ -106,11 +66,12 @@ def main(argv):
     from jaxsync import ConfigError
     from jaxsync.agents.rl import runner
 
-    own, other = (PPO, DQN) if FLAGS.agent == "ppo" else (DQN, PPO)
+    shared, ppo, dqn = (cli.RL_HYPERPARAMETERS[k] for k in ("shared", "ppo", "dqn"))
+    own, other = (ppo, dqn) if FLAGS.agent == "ppo" else (dqn, ppo)
     misplaced = [f"--{n}" for n in other if FLAGS[n].present]
     if FLAGS.agent in runner.AGENTS and misplaced:
         raise ConfigError(f"{misplaced} do not apply to --agent={FLAGS.agent}")
-    names = ("env", "total_steps", "num_devices", "strategy", *SHARED, *own)
+    names = ("env", "total_steps", "num_devices", "strategy", *shared, *own)
     agent_cfg = runner.agent_config(FLAGS.agent, **{n: FLAGS[n].value for n in names})
     run = cli.run_config_from_flags(RunConfig(steps=0), quiet=False)
     cfg = RLConfig(FLAGS.agent, agent_cfg, seeds=FLAGS.seeds, repeats=FLAGS.repeats, run=run)

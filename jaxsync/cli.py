@@ -171,6 +171,51 @@ def optim_config_from_flags() -> OptimConfig:
     )
 
 
+_RL_SHARED = {
+    "truncation": (
+        str,
+        "At the time limit: bootstrap (target r + γ·value of the final "
+        "observation; default) | terminate (target r, PureJaxRL's behaviour).",
+    ),
+    "num_envs": (int, "Environments per device (>= 1); default PPO 4, DQN 10."),
+    "learning_rate": (float, "Adam learning rate (> 0); default 2.5e-4."),
+    "gamma": (float, "Discount factor in [0, 1]; default 0.99."),
+    "max_grad_norm": (float, "Global gradient-norm clip (PPO 0.5, DQN 10; 0 = off)."),
+}
+_RL_PPO = {
+    "num_steps": (int, "PPO: rollout length per env per update; default 128."),
+    "update_epochs": (int, "PPO: epochs over each rollout; default 4."),
+    "num_minibatches": (int, "PPO: minibatches per epoch (divides num_steps); default 4."),
+    "gae_lambda": (float, "PPO: GAE λ in [0, 1]; default 0.95."),
+    "clip_eps": (float, "PPO: ratio / value clip ε; default 0.2."),
+    "ent_coef": (float, "PPO: entropy bonus coefficient; default 0.01."),
+    "vf_coef": (float, "PPO: value loss coefficient; default 0.5."),
+    "anneal_lr": (bool, "PPO: decay the learning rate linearly to 0; default true."),
+}
+_RL_DQN = {
+    "buffer_size": (int, "DQN: replay capacity per device; default 10000."),
+    "batch_size": (int, "DQN: replay minibatch per device; default 128."),
+    "eps_end": (float, "DQN: final ε of the ε-greedy schedule; default 0.05."),
+    "eps_fraction": (float, "DQN: fraction of total_steps to decay ε; default 0.5."),
+    "learning_starts": (int, "DQN: env steps before learning; default 10000."),
+    "train_frequency": (int, "DQN: env steps per gradient step; default 10."),
+    "target_update_interval": (int, "DQN: env steps between target-network updates; default 500."),
+    "double_dqn": (bool, "DQN: Double-DQN targets; default false."),
+}
+# RL hyperparameter flags, name -> (type, help), by the agents they apply to; unset (None): the
+# agent config's own default (PPOConfig / DQNConfig), so no default is written twice.
+RL_HYPERPARAMETERS = {"shared": _RL_SHARED, "ppo": _RL_PPO, "dqn": _RL_DQN}
+
+
+def define_rl_hyperparameter_flags() -> None:
+    """The PPO / DQN hyperparameter flags of ``experiments/train_rl.py``, all unset by default."""
+    define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}
+    define[str] = flags.DEFINE_string
+    for table in RL_HYPERPARAMETERS.values():
+        for name, (kind, text) in table.items():
+            define[kind](name, None, text)
+
+
 def define_distributed_flags() -> None:
     """Flags of a multi-process run (see docs/multihost.md); ``init_runtime`` applies them."""
     flags.DEFINE_string(
@@ -232,6 +277,11 @@ def init_runtime() -> None:
 
 def run(main) -> None:
     """``app.run(main)``, turning a ConfigError into one line on stderr and exit status 2."""
+
+    # Flags declared here belong to the experiment that calls run: list them in its --help
+    # (absl shows the main module's key flags), not only in --helpfull.
+    for flag in flags.FLAGS.get_flags_for_module(__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
     def wrapped(argv):
         if len(argv) > 1:
