@@ -263,7 +263,7 @@ def test_full_runs_render_from_json_or_say_not_yet_run(tmp_path):
         "run_s": 9.0,
     }
     (tmp_path / "rl.json").write_text(json.dumps({"quality": [quality], "speed": []}))
-    # Rendered by runner.markdown_tables, the tables bench_rl.py prints.
+    # Rendered by jaxsync.benchmarks.rl.markdown_tables, the tables bench_rl.py prints.
     text = benchrender.render_full_run(rl, ROOT, str(tmp_path))
     assert "written by `python make_rl`" in text
     assert "| ppo 1 dev | 2/2 |" in text
