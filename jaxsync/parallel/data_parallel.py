@@ -23,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsync import ConfigError
 from jaxsync.mesh import DATA_AXIS, make_mesh, put_global_batch
+from jaxsync.parallel import per_device
 from jaxsync.parallel.common import Strategy, TrainState, init_state
-from jaxsync.replicas import check_replicas
 from jaxsync.sync import make_backend
 from jaxsync.sync.base import apply_optimizer
 
@@ -140,82 +140,37 @@ def _replica_check(sync, frontend: str, local_steps: int):
     pmap every field has a leading device axis, so copies are rows; under shard_map the
     replicated fields are compared buffer by buffer and local SGD's stacked parameters by rows.
     """
-    stacked = frontend == "pmap"
+    rows = frontend == "pmap"
 
-    def check(state) -> int:
-        count = check_replicas(state.step, stacked=stacked)
+    def parts(state):
+        yield state.step, rows
         step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
         if not sync.local_params:
-            count += check_replicas(state.params, stacked=stacked)
+            yield state.params, rows
         elif step % local_steps == 0:
-            count += check_replicas(state.params, stacked=True)
+            yield state.params, True
         if not sync.server_state:
-            count += check_replicas(state.opt_state, stacked=stacked)
-        return count
+            yield state.opt_state, rows
 
-    return check
-
-
-def _stack(tree, n):
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
-
-
-def _unstack(tree):
-    return jax.tree.map(lambda x: x[0], tree)
-
-
-def _restack(tree):
-    return jax.tree.map(lambda x: x[None], tree)
-
-
-def _mean_over_devices(tree):
-    """The model of a local-SGD run: the mean of the per-device parameters."""
-    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+    return per_device.replica_check(parts)
 
 
 def _shard_map_strategy(device_step, sync, model_init, n, axis, name) -> Strategy:
     """Per-device fields (``sync.server_state`` / ``sync.local_params``) carry a leading device
-    axis sharded over the mesh; each device sees its row with a leading 1, dropped here."""
+    axis sharded over the mesh (:mod:`jaxsync.parallel.per_device`)."""
     mesh = make_mesh(n, (axis,))
-    state_spec = TrainState(
-        P(), P(axis) if sync.local_params else P(), P(axis) if sync.server_state else P()
-    )
-    per_device_fields = (False, sync.local_params, sync.server_state)
-
-    def per_device(state, batch):
-        state = TrainState(
-            *(_unstack(f) if d else f for f, d in zip(state, per_device_fields, strict=True))
-        )
-        state, metrics = device_step(state, batch)
-        state = TrainState(
-            *(_restack(f) if d else f for f, d in zip(state, per_device_fields, strict=True))
-        )
-        return state, metrics
-
-    step = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(state_spec, P(axis)),
-        out_specs=(state_spec, P()),
-        check_vma=False,
-    )
+    fields = TrainState(False, sync.local_params, sync.server_state)
+    step = per_device.map_state(device_step, mesh, axis, fields, (P(axis),))
     # The optimizer state is built on each device (a ZeRO slice never exists whole anywhere).
-    init_opt = jax.shard_map(
-        lambda p: _restack(sync.init(p)),
-        mesh=mesh,
-        in_specs=P(),
-        out_specs=P(axis),
-        check_vma=False,
-    )
+    init_opt = per_device.build_per_device(sync.init, mesh, axis)
 
     def init(rng, x):
         params = jax.jit(model_init)(rng, x)
         opt_state = jax.jit(init_opt)(params) if sync.server_state else jax.jit(sync.init)(params)
         if sync.local_params:
-            params = _stack(params, n)
+            params = per_device.stack(params, n)
         state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
-        shardings = TrainState(*(NamedSharding(mesh, s) for s in state_spec))
-        return jax.device_put(state, _broadcast_specs(shardings, state))
+        return per_device.place(state, mesh, fields, axis)
 
     batch_sharding = NamedSharding(mesh, P(axis))
     return Strategy(
@@ -223,17 +178,10 @@ def _shard_map_strategy(device_step, sync, model_init, n, axis, name) -> Strateg
         init=init,
         step=jax.jit(step, donate_argnums=0),
         put_batch=lambda batch: put_global_batch(batch, batch_sharding),
-        params=(lambda s: _mean_over_devices(s.params))
+        params=(lambda s: per_device.mean_rows(s.params))
         if sync.local_params
         else (lambda s: s.params),
         num_devices=n,
-    )
-
-
-def _broadcast_specs(shardings: TrainState, state: TrainState):
-    """Expand the per-field shardings of a TrainState to every leaf of ``state``."""
-    return TrainState(
-        *(jax.tree.map(lambda _, s=s: s, field) for s, field in zip(shardings, state, strict=True))
     )
 
 
@@ -246,7 +194,7 @@ def _pmap_strategy(device_step, sync, model_init, n, axis, name) -> Strategy:
     init_opt = jax.pmap(sync.init, axis_name=axis, devices=devices)
 
     def init(rng, x):
-        params = place(_stack(jax.jit(model_init)(rng, x), n))
+        params = place(per_device.stack(jax.jit(model_init)(rng, x), n))
         return TrainState(place(jnp.zeros((n,), jnp.int32)), params, init_opt(params))
 
     def put_batch(batch):
@@ -257,9 +205,9 @@ def _pmap_strategy(device_step, sync, model_init, n, axis, name) -> Strategy:
         init=init,
         step=lambda state, batch: _first_metrics(step(state, batch)),
         put_batch=put_batch,
-        params=(lambda s: _mean_over_devices(s.params))
+        params=(lambda s: per_device.mean_rows(s.params))
         if sync.local_params
-        else (lambda s: _unstack(s.params)),
+        else (lambda s: per_device.unstack(s.params)),
         num_devices=n,
     )
 

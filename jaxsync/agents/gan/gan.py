@@ -40,13 +40,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsync import ConfigError, optim
 from jaxsync.agents.gan.data import RealData
 from jaxsync.mesh import DATA_AXIS, make_mesh
-from jaxsync.replicas import check_replicas
+from jaxsync.parallel import per_device
 from jaxsync.sync import backend_names, make_backend
 from jaxsync.sync.base import apply_optimizer
 
@@ -286,18 +285,18 @@ def check_strategy(strategy: str) -> str:
     return strategy
 
 
+def per_device_fields(per_device_opt: bool) -> GANState:
+    """Which fields of a :class:`GANState` are per device: the optimizer states when
+    ``per_device_opt`` (the backend's ``server_state``: under ``ps`` only the server's copy is
+    ever updated), nothing else."""
+    return GANState(False, False, False, per_device_opt, per_device_opt)
+
+
 def replica_check(per_device_opt: bool) -> Callable:
     """``state -> leaves checked`` (:func:`jaxsync.replicas.check_replicas`): the step and both
-    networks' parameters; the optimizer states too unless ``per_device_opt`` (the backend's
-    ``server_state``: under ``ps`` only the server's copy is ever updated)."""
-
-    def check(state: GANState) -> int:
-        replicated = (state.step, state.g_params, state.d_params)
-        if not per_device_opt:
-            replicated += (state.g_opt, state.d_opt)
-        return check_replicas(replicated)
-
-    return check
+    networks' parameters; the optimizer states too unless ``per_device_opt``."""
+    fields = per_device_fields(per_device_opt)
+    return per_device.replica_check(lambda s: [(per_device.replicated_fields(s, fields), False)])
 
 
 def make_gan_trainer(
@@ -330,49 +329,26 @@ def make_gan_trainer(
     g_sync = make_backend(strategy, parts.g_tx, axis_name)
     run = make_run_chunk(parts, d_sync.update, g_sync.update, axis_name)
     mesh = make_mesh(num_devices, (axis_name,))
-    per_device = d_sync.server_state
-    opt_spec = P(axis_name) if per_device else P()
-    spec = GANState(P(), P(), P(), opt_spec, opt_spec)
-
-    def device_run(state, key, num_steps):
-        if per_device:  # per-device optimizer state arrives with a leading axis of size 1
-            state = _map_opt(state, lambda x: x[0])
-        state, metrics = run(state, key, num_steps)
-        return (_map_opt(state, lambda x: x[None]) if per_device else state), metrics
+    fields = per_device_fields(d_sync.server_state)
 
     def run_sharded(state, key, num_steps):
-        f = jax.shard_map(
-            partial(device_run, num_steps=num_steps),
-            mesh=mesh,
-            in_specs=(spec, P()),
-            out_specs=(spec, P()),
-            check_vma=False,
-        )
-        return f(state, key)
+        chunk = partial(run, num_steps=num_steps)
+        return per_device.map_state(chunk, mesh, axis_name, fields, (P(),))(state, key)
 
     def init(rng):
         state = jax.jit(partial(init_gan_state, parts))(rng)
-        if per_device:
-            state = _map_opt(state, lambda x: jnp.broadcast_to(x, (num_devices,) + x.shape))
-        shardings = GANState(
-            *(
-                jax.tree.map(lambda _, s=s: NamedSharding(mesh, s), field)
-                for s, field in zip(spec, state, strict=True)
-            )
-        )
-        return jax.device_put(state, shardings)
+        if d_sync.server_state:  # every device starts from the same optimizer states
+            g_opt, d_opt = per_device.stack((state.g_opt, state.d_opt), num_devices)
+            state = state._replace(g_opt=g_opt, d_opt=d_opt)
+        return per_device.place(state, mesh, fields, axis_name)
 
     return GANTrainer(
         strategy,
         init,
         jax.jit(run_sharded, static_argnums=2, donate_argnums=0),
         num_devices,
-        replica_check(per_device),
+        replica_check(d_sync.server_state),
     )
-
-
-def _map_opt(state: GANState, fn) -> GANState:
-    return state._replace(g_opt=jax.tree.map(fn, state.g_opt), d_opt=jax.tree.map(fn, state.d_opt))
 
 
 def generate(parts: GANParts, g_params, key, n: int):

@@ -24,9 +24,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxsync import ConfigError, optim, replicas
+from jaxsync import ConfigError, optim
 from jaxsync.agents.rl import envs
 from jaxsync.mesh import DATA_AXIS, make_mesh
+from jaxsync.parallel import per_device
 from jaxsync.sync import BACKENDS, SyncBackend, make_backend
 from jaxsync.sync.base import apply_optimizer
 
@@ -139,7 +140,7 @@ def run_data_parallel(
     if strategy == "single":
         return fn
     mesh = make_mesh(num_devices, (axis_name,))
-    return jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+    return per_device.shard_map(fn, mesh, P(), P())
 
 
 class Chunked(NamedTuple):
@@ -158,14 +159,6 @@ class Chunked(NamedTuple):
     run: Callable
     params: Callable
     check_replicas: Callable
-
-
-def _stack(tree):
-    return jax.tree.map(lambda x: x[None], tree)
-
-
-def _unstack(tree):
-    return jax.tree.map(lambda x: x[0], tree)
 
 
 def run_chunked(
@@ -192,31 +185,15 @@ def run_chunked(
         jit_run = jax.jit(run_local, static_argnums=2)
         return Chunked(jax.jit(init_local), jit_run, lambda s: s.params, lambda s: 0)
     mesh = make_mesh(num_devices, (axis_name,))
-    init = jax.shard_map(
-        lambda k: _stack(init_local(k)),
-        mesh=mesh,
-        in_specs=P(),
-        out_specs=P(axis_name),
-        check_vma=False,
-    )
+    init = per_device.build_per_device(init_local, mesh, axis_name)
 
-    def run(state, start, n):
-        def body(s, t):
-            s, metrics = run_local(_unstack(s), t, n)
-            return _stack(s), metrics
+    def run(state, start, n):  # the whole state is per device: leaves [N, ...]
+        body = lambda s, t: run_local(s, t, n)
+        return per_device.map_state(body, mesh, axis_name, True, (P(),))(state, start)
 
-        return jax.shard_map(
-            body,
-            mesh=mesh,
-            in_specs=(P(axis_name), P()),
-            out_specs=(P(axis_name), P()),
-            check_vma=False,
-        )(state, start)
-
-    def check(state):  # leaves [N, ...]: row d is device d's copy
-        return replicas.check_replicas(replicated(state), stacked=True)
-
-    params = lambda s: _unstack(s.params)
+    # row d of every leaf is device d's copy
+    check = per_device.replica_check(lambda state: [(replicated(state), True)])
+    params = lambda s: per_device.unstack(s.params)
     return Chunked(jax.jit(init), jax.jit(run, static_argnums=2), params, check)
 
 
