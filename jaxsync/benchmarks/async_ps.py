@@ -18,6 +18,7 @@ import tempfile
 
 from jaxsync.async_ps.staleness import StalenessConfig
 from jaxsync.async_ps.train import AsyncConfig, train_async
+from jaxsync.benchmarks import common
 from jaxsync.optim import OptimConfig
 from jaxsync.runs import make, replace
 
@@ -187,12 +188,10 @@ def run_threads(steps: int, lr: float, log=print) -> list:
 
 
 def markdown(rows: list) -> str:
+    """The rows (dicts with the same keys) as a markdown table, values as they are."""
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += [
-        "| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows
-    ]
-    return "\n".join(lines)
+    body = [["" if r[k] is None else str(r[k]) for k in keys] for r in rows]
+    return common.markdown_table(keys, body)
 
 
 def plot(runs: dict, path: str) -> None:
