@@ -41,6 +41,10 @@ STRATEGY = {
     "local_steps": "0: synchronous SGD; H >= 1: local SGD, each device steps "
     "on its own data; parameters are averaged every H steps by the backend's collective.",
     "average_opt_state": "--local_steps >= 1: also average the optimizer state.",
+    "outer_optimizer": "--local_steps=H >= 1: none (local SGD) | sgd | nesterov: DiLoCo, an outer "
+    "step on the all-reduced pseudo-gradient every H steps (Douillard et al. 2023).",
+    "outer_learning_rate": "DiLoCo outer learning rate (> 0; the paper's 0.7).",
+    "outer_momentum": "DiLoCo Nesterov outer momentum in [0, 1) (the paper's 0.9).",
     "grad_accum": "Microbatches per device per step (>= 1): one step on the "
     "global --batch_size, split k ways (divides --batch_size / --num_devices).",
     "precision": "float32 | bfloat16 (bfloat16 compute, float32 master weights and optimizer "

@@ -30,6 +30,7 @@ from jaxsync.metrics import median_ms, to_python
 from jaxsync.parallel import pipeline, tensor
 from jaxsync.parallel.common import param_checksum
 from jaxsync.parallel.data_parallel import FRONTENDS, make_data_parallel, make_single
+from jaxsync.sync.diloco import outer_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,10 @@ class TrainConfig:
     shard_optimizer: bool = False  # ZeRO-1/2: optimizer state sharded 1/N (psum: XLA, ring: ring)
     local_steps: int = 0  # 0: synchronous SGD; H >= 1: local SGD, parameters averaged every H
     average_opt_state: bool = False  # local SGD also averages the optimizer state
+    # DiLoCo (with local_steps = H): none | sgd | nesterov outer step on the mean pseudo-gradient
+    outer_optimizer: str = "none"
+    outer_learning_rate: float = 0.7  # the paper's (Douillard et al. 2023)
+    outer_momentum: float = 0.9  # nesterov only
     grad_accum: int = 1  # k microbatches per device per step (global batch = k·N·b)
     precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 master weights)
     compression: str = "none"  # ring | ps gradient messages: none | bf16 | topk (error feedback)
@@ -96,6 +101,7 @@ def _dist_options(cfg, tx):
         local_steps=cfg.local_steps,
         average_opt_state=cfg.average_opt_state,
         compression=compression.make_compression(cfg.compression, cfg.topk_ratio),
+        outer=_outer(cfg),
     )
     if cfg.shard_optimizer and cfg.optim.clip_norm > 0:
         tx = optim.make_optimizer(
@@ -104,6 +110,13 @@ def _dist_options(cfg, tx):
         tx = optim.guarded(tx, cfg.run.max_nonfinite)
         options["clip_norm"] = cfg.optim.clip_norm
     return tx, options
+
+
+def _outer(cfg):
+    """DiLoCo's outer optimizer, or None (plain local SGD / synchronous SGD)."""
+    if cfg.outer_optimizer == "none":
+        return None
+    return outer_optimizer(cfg.outer_optimizer, cfg.outer_learning_rate, cfg.outer_momentum)
 
 
 def _validate_dist(cfg) -> None:
@@ -115,6 +128,7 @@ def _validate_dist(cfg) -> None:
     if cfg.average_opt_state and not cfg.local_steps:
         raise ConfigError("--average_opt_state needs --local_steps >= 1")
     data_parallel = cfg.strategy in sync.backend_names()
+    outer = _outer(cfg)  # validates its name and values
     if (cfg.shard_optimizer or cfg.local_steps or comp.name != "none") and not data_parallel:
         raise ConfigError(
             "--shard_optimizer, --local_steps and --compression need a data-parallel "
@@ -130,6 +144,8 @@ def _validate_dist(cfg) -> None:
             shard_optimizer=cfg.shard_optimizer,
             local_steps=cfg.local_steps,
             compression=comp,
+            outer=outer,
+            average_opt_state=cfg.average_opt_state,
         )
     n = 1 if cfg.strategy in ("single", *MODEL_PARALLEL) else cfg.num_devices
     if cfg.batch_size % (n * cfg.grad_accum):

@@ -108,16 +108,21 @@ def _train(cfg):
 
 
 def local_sgd_rows(s):
-    """Synchronous SGD and local SGD with each H: bytes per step and final losses."""
+    """Synchronous SGD, and local SGD and DiLoCo (Nesterov outer step, lr 0.7, momentum 0.9) with
+    each H: bytes per step and final losses."""
     from jaxsync.sync import allreduce_bytes
 
     n = s.num_devices
     param_bytes = 4 * sum(_param_lengths(_base(s), 2 * n))
     rows = []
     for h in [0] + sorted({int(v) for v in s.local_steps}):
-        cfg = _base(s, strategy="ring", local_steps=h)
         sent = allreduce_bytes(n, param_bytes) / max(h, 1)  # gradients (h=0) or parameters
-        rows.append({"H": h or "sync", "bytes_per_step": sent, **_train(cfg)})
+        for method, outer in (("local SGD", "none"), ("DiLoCo", "nesterov")):
+            if h == 0 and outer != "none":
+                continue
+            cfg = _base(s, strategy="ring", local_steps=h, outer_optimizer=outer)
+            name = "sync SGD" if h == 0 else method
+            rows.append({"method": name, "H": h or "–", "bytes_per_step": sent, **_train(cfg)})
     for r in rows:
         r["bytes_vs_sync"] = r["bytes_per_step"] / rows[0]["bytes_per_step"]
     return rows
@@ -187,6 +192,7 @@ MEMORY_COLUMNS = (
     ("total sharded/replicated", "total_ratio"),
 )
 LOCAL_SGD_COLUMNS = (
+    ("method", "method"),
     ("H", "H"),
     ("bytes/step (counted)", "bytes_per_step"),
     ("bytes vs sync (counted)", "bytes_vs_sync"),

@@ -4,7 +4,8 @@
   1/N slice of the parameters and optimizer state, all-gather the parameters; needs a backend with
   a reduce-scatter / all-gather pair (``Backend.zero``).
 - ``local_steps`` (local SGD, :mod:`jaxsync.sync.local_sgd`): parameters averaged every H steps by
-  the backend's all-reduce.
+  the backend's all-reduce; with ``outer`` (DiLoCo, :mod:`jaxsync.sync.diloco`) the averaged
+  pseudo-gradient goes through an outer optimizer instead.
 - ``compression`` (:mod:`jaxsync.compression`): bf16 or top-k gradient messages with error
   feedback, on backends that carry them (``Backend.compression``).
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import optax
 
 from jaxsync import ConfigError, collectives
-from jaxsync.sync import local_sgd, zero
+from jaxsync.sync import diloco, local_sgd, zero
 from jaxsync.sync.base import SyncBackend
 from jaxsync.sync.registry import BACKENDS, get
 
@@ -44,23 +45,40 @@ def make_local(
     average_opt_state: bool = False,
     bucket_bytes=collectives.DEFAULT_BUCKET_BYTES,
     server: int = 0,
+    outer=None,
     **_,
 ) -> SyncBackend:
     """Local SGD: local steps, parameters averaged every ``local_steps`` by ``name``'s
-    all-reduce."""
+    all-reduce; with an ``outer`` optimizer, DiLoCo's outer step on the pseudo-gradient."""
     mean = get(name).mean_fn(axis_name, bucket_bytes, server)
-    local = local_sgd.local_sgd(tx, mean, local_steps, average_opt_state)
+    if outer is not None:
+        local = diloco.diloco(tx, outer, mean, local_steps)
+    else:
+        local = local_sgd.local_sgd(tx, mean, local_steps, average_opt_state)
     return SyncBackend(name, local.init, local.update, server_state=True, local_params=True)
 
 
 def check_options(
-    name: str, *, shard_optimizer: bool = False, local_steps: int = 0, compression=None
+    name: str,
+    *,
+    shard_optimizer: bool = False,
+    local_steps: int = 0,
+    compression=None,
+    outer=None,
+    average_opt_state: bool = False,
 ) -> None:
     """Raise ConfigError for option combinations no backend implements."""
     backend = get(name)
     compressed = compression is not None and compression.name != "none"
     if local_steps < 0:
         raise ConfigError(f"--local_steps must be >= 0 (0: synchronous), got {local_steps}")
+    if outer is not None and not local_steps:
+        raise ConfigError("--outer_optimizer (DiLoCo) needs --local_steps >= 1")
+    if outer is not None and average_opt_state:
+        raise ConfigError(
+            "--outer_optimizer and --average_opt_state cannot be combined (DiLoCo keeps each "
+            "device's inner optimizer state)"
+        )
     if shard_optimizer and backend.zero is None:
         raise ConfigError(
             f"--shard_optimizer needs --strategy={_names(lambda b: b.zero is not None)} "
@@ -92,6 +110,7 @@ def make_backend(
     local_steps: int = 0,
     average_opt_state: bool = False,
     compression=None,
+    outer=None,
     **kw,
 ) -> SyncBackend:
     """Build the backend ``name`` for optimizer ``tx`` over mesh/pmap axis ``axis_name``.
@@ -105,15 +124,22 @@ def make_backend(
       local_steps: 0 for synchronous SGD; H >= 1 for local SGD averaging every H steps.
       average_opt_state: local SGD also averages the optimizer state.
       compression: a :class:`jaxsync.compression.Compression` for backends that carry it.
+      outer: DiLoCo's outer optimizer (:func:`jaxsync.sync.diloco.outer_optimizer`); needs
+        ``local_steps``.
       **kw: ``bucket_bytes``, ``server``, ``clip_norm``.
     """
     check_options(
-        name, shard_optimizer=shard_optimizer, local_steps=local_steps, compression=compression
+        name,
+        shard_optimizer=shard_optimizer,
+        local_steps=local_steps,
+        compression=compression,
+        outer=outer,
+        average_opt_state=average_opt_state,
     )
     if shard_optimizer:
         return make_sharded(name, tx, axis_name, **kw)
     if local_steps:
-        return make_local(name, tx, axis_name, local_steps, average_opt_state, **kw)
+        return make_local(name, tx, axis_name, local_steps, average_opt_state, outer=outer, **kw)
     kw.pop("clip_norm", None)
     return get(name).build(tx, axis_name, compression=compression, **kw)
 
