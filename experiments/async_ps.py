@@ -40,6 +40,8 @@ ASYNC = {  # AsyncConfig field -> help; each default is AsyncConfig's
     "lock": f"Lock policy of the server update (threads): {' | '.join(LOCK_POLICIES)} (none: "
     "lock-free, Hogwild-style).",
     "staleness_aware_lr": "Divide each gradient's learning rate by max(τ, 1) (Zhang et al. 2016).",
+    "dc_lambda": "DC-ASGD (Zheng et al. 2017): compensate each stale gradient, "
+    "g + λ·g⊙g⊙(w_now − w_stale); λ >= 0, 0: off.",
     "timeout_s": "Bound on every wait and on a threads run, seconds (> 0).",
     "fail_worker": "Threads mode demo: make this worker raise after 2 pushes (-1: none).",
 }

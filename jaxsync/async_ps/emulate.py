@@ -31,7 +31,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsync import optim
-from jaxsync.async_ps.staleness import apply_staleness_aware, combine_pushes, staleness_scale
+from jaxsync.async_ps.staleness import (
+    apply_staleness_aware,
+    combine_pushes,
+    delay_compensate,
+    staleness_scale,
+)
 
 
 class EmuState(NamedTuple):
@@ -78,7 +83,12 @@ def _guard_counts(opt_state) -> dict:
 
 
 def make_emulator(
-    loss_fn, tx, history_size: int, n_push: int = 1, staleness_aware: bool = False
+    loss_fn,
+    tx,
+    history_size: int,
+    n_push: int = 1,
+    staleness_aware: bool = False,
+    dc_lambda: float | None = None,
 ) -> Emulator:
     """Build the emulated asynchronous parameter server.
 
@@ -88,6 +98,11 @@ def make_emulator(
       history_size: H = max staleness + 1 (ring-buffer slots).
       n_push: k gradients averaged into each server update (Downpour's n_push).
       staleness_aware: divide each gradient's learning rate by max(τ, 1) (Zhang et al. 2016).
+      dc_lambda: DC-ASGD's λ (Zheng et al. 2017): each stale gradient is compensated toward the
+        current parameters, :func:`~jaxsync.async_ps.staleness.delay_compensate`. None or 0 build
+        the plain program: computing the term with λ = 0 adds exact zeros but changes XLA's fusion
+        of the optimizer (measured with Adam: the last bits differ), so λ = 0 is plain async SGD
+        bit for bit by construction.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -103,11 +118,15 @@ def make_emulator(
             stale = jax.tree.map(lambda h: h[slots[0]], state.history)
             one = jax.tree.map(lambda b: b[0], batch)
             (loss, aux), grads = grad_fn(stale, one)
+            if dc_lambda:
+                grads = delay_compensate(grads, state.params, stale, dc_lambda)
             grads = jax.tree.map(lambda g: g[None], grads)  # the push axis combine_pushes reads
         else:
             stale = jax.tree.map(lambda h: h[slots], state.history)
             (losses, auxs), grads = jax.vmap(grad_fn)(stale, batch)
             loss, aux = jnp.mean(losses), jax.tree.map(jnp.mean, auxs)
+            if dc_lambda:
+                grads = delay_compensate(grads, state.params, stale, dc_lambda)
         grads, rate = combine_pushes(grads, staleness_scale(taus, staleness_aware))
         params, opt_state = apply_staleness_aware(tx, grads, state.opt_state, state.params, rate)
         step = state.step + 1

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsync.async_ps.lock import LockService
-from jaxsync.async_ps.staleness import apply_staleness_aware, combine_pushes
+from jaxsync.async_ps.staleness import apply_staleness_aware, combine_pushes, delay_compensate
 from jaxsync.sync.base import apply_optimizer
 
 
@@ -51,6 +51,7 @@ class ThreadsConfig:
     lock: str = "fifo"
     n_push: int = 1
     staleness_aware: bool = False
+    dc_lambda: float | None = None  # DC-ASGD λ (Zheng et al. 2017); None or 0: off
     slowdown: tuple[float, ...] = ()  # per worker; missing entries are 1 (not slowed)
     timeout_s: float = 60.0  # bound on every wait, and on the whole run
     ssp_bound: int = -1  # Stale Synchronous Parallel bound in clocks; -1: fully asynchronous
@@ -66,13 +67,23 @@ class ThreadsResult(NamedTuple):
     wall_s: float
 
 
-def _server_update(tx, staleness_aware, grads_list, scales, opt_state, params):
+def _server_update(
+    tx, staleness_aware, dc_lambda, grads_list, stale_list, scales, opt_state, params
+):
     """One server update from k pushed gradients, then the optimizer.
+
+    With ``dc_lambda`` each gradient is first compensated from the parameters its worker pulled
+    (``stale_list``) toward the server's current ones (DC-ASGD, Zheng et al. 2017).
 
     Plain: (1/k) Σ_j g_j. Under η/τ (Zhang et al. 2016) the rate of push j is η · s_j with
     s_j = 1/max(τ_j, 1): :func:`~jaxsync.async_ps.staleness.combine_pushes` gives the gradient and
     the factor that scales the optimizer's step (not the gradient, which Adam would normalise).
     """
+    if dc_lambda:  # None or 0: the plain update (see make_emulator's dc_lambda)
+        grads_list = [
+            delay_compensate(g, params, w, dc_lambda)
+            for g, w in zip(grads_list, stale_list, strict=True)
+        ]
     if not staleness_aware:
         if len(grads_list) == 1:
             grads = grads_list[0]
@@ -92,7 +103,9 @@ class ParameterServer:
     later write wins, which shows up as fewer versions than applied updates (lost updates).
     """
 
-    def __init__(self, params, tx, device, lock: LockService, n_push=1, staleness_aware=False):
+    def __init__(
+        self, params, tx, device, lock: LockService, n_push=1, staleness_aware=False, dc_lambda=None
+    ):
         self.device = device
         self.lock = lock
         self.n_push = n_push
@@ -101,7 +114,8 @@ class ParameterServer:
         self._snapshot = (params, 0)
         self._opt_state = jax.device_put(tx.init(params), device)
         self._pending: list = []
-        self._update = jax.jit(functools.partial(_server_update, tx, staleness_aware))
+        self.dc_lambda = dc_lambda
+        self._update = jax.jit(functools.partial(_server_update, tx, staleness_aware, dc_lambda))
         self._t0 = time.perf_counter()
         self.log: list[UpdateRecord] = []
 
@@ -110,7 +124,8 @@ class ParameterServer:
         params, _ = self._snapshot
         grads = [jax.device_put(grads, self.device)] * self.n_push
         scales = jnp.ones((self.n_push,), jnp.float32)
-        jax.block_until_ready(self._update(grads, scales, self._opt_state, params))
+        stale = [params] * self.n_push
+        jax.block_until_ready(self._update(grads, stale, scales, self._opt_state, params))
         self._t0 = time.perf_counter()
 
     def pull(self):
@@ -125,18 +140,24 @@ class ParameterServer:
         loss: float,
         batch_index: int,
         timeout_s: float | None = None,
+        stale_params=None,
     ) -> UpdateRecord:
-        """Apply (or accumulate, with ``n_push > 1``) a gradient computed on version ``pulled``."""
+        """Apply (or accumulate, with ``n_push > 1``) a gradient computed on version ``pulled``
+        (whose parameters, ``stale_params``, DC-ASGD compensates from)."""
         grads = jax.device_put(grads, self.device)
         with self.lock.hold(worker, timeout_s) as wait_s:
             params, version = self._snapshot
             tau = version - pulled
-            self._pending.append((grads, 1.0 / max(tau, 1) if self.staleness_aware else 1.0))
+            scale = 1.0 / max(tau, 1) if self.staleness_aware else 1.0
+            self._pending.append(
+                (grads, scale, stale_params if stale_params is not None else params)
+            )
             if len(self._pending) == self.n_push:
                 pending, self._pending = self._pending, []
                 new_params, self._opt_state = self._update(
-                    [g for g, _ in pending],
-                    jnp.asarray([s for _, s in pending], jnp.float32),
+                    [g for g, _, _ in pending],
+                    [w for _, _, w in pending],
+                    jnp.asarray([s for _, s, _ in pending], jnp.float32),
                     self._opt_state,
                     params,
                 )
@@ -222,7 +243,7 @@ def _worker_loop(wid, cfg: ThreadsConfig, server, grad_fn, device, get_batch, co
             time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
         if wid == cfg.fail_worker and pushed >= cfg.fail_after:
             raise RuntimeError(f"injected failure after {pushed} pushes")
-        server.push(wid, grads, version, float(loss), index, cfg.timeout_s)
+        server.push(wid, grads, version, float(loss), index, cfg.timeout_s, stale_params=params)
         ssp.tick(wid)
         pushed += 1
 
@@ -244,7 +265,9 @@ def run_threads(
       the wall time.
     """
     lock = LockService(cfg.lock, cfg.timeout_s)
-    server = ParameterServer(params, tx, devices[0], lock, cfg.n_push, cfg.staleness_aware)
+    server = ParameterServer(
+        params, tx, devices[0], lock, cfg.n_push, cfg.staleness_aware, cfg.dc_lambda
+    )
     grad_fns = [jax.jit(jax.value_and_grad(loss_fn, has_aux=True)) for _ in range(cfg.num_workers)]
     sample = get_batch(0)
     # Compile on every device before the clock starts.

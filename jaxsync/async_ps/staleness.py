@@ -237,3 +237,14 @@ def apply_staleness_aware(tx, grads, opt_state, params, rate_scale):
     """One optax step at rate η · ``rate_scale`` (None: η): ``-> (params, opt_state)``."""
     updates, opt_state = staleness_aware(tx).update(grads, opt_state, params, rate_scale=rate_scale)
     return optax.apply_updates(params, updates), opt_state
+
+
+def delay_compensate(grads, params_now, params_stale, lam: float):
+    """DC-ASGD (Zheng et al. 2017, "Asynchronous Stochastic Gradient Descent with Delay
+    Compensation", constant-λ form): g + λ·g⊙g⊙(w_now − w_stale), the first-order Taylor correction
+    of a gradient computed at w_stale toward w_now, with g⊙g standing in for the Hessian's diagonal.
+
+    ``grads`` and ``params_stale`` may carry a leading push axis (k pushes); ``params_now`` is the
+    server's current parameters, broadcast against it. λ = 0 adds exact zeros.
+    """
+    return jax.tree.map(lambda g, w, s: g + lam * g * g * (w - s), grads, params_now, params_stale)

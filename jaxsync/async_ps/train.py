@@ -58,6 +58,7 @@ class AsyncConfig:
     mode: str = "emulated"
     staleness: StalenessConfig = StalenessConfig()
     staleness_aware_lr: bool = False
+    dc_lambda: float = 0.0  # > 0: DC-ASGD's delay compensation λ (Zheng et al. 2017); 0: off
     lock: str = "fifo"
     model: str = "mlp"
     width: int = 64
@@ -85,6 +86,14 @@ CHECKPOINT_FIELDS = ("workdir", "checkpoint_every", "keep_checkpoints", "resume"
 CHECKPOINT_FIELDS += ("max_nonfinite", "tensorboard", "nan_at_steps")
 
 
+def _identity(config: dict) -> dict:
+    """What a checkpoint's run and the resuming run must share; checkpoints written before
+    DC-ASGD existed ran without it (λ = 0)."""
+    out = runs.identity(config, runs.IDENTITY_FIELDS + ASYNC_IDENTITY_FIELDS)
+    out["dc_lambda"] = config.get("dc_lambda", 0.0)
+    return out
+
+
 def validate(cfg: AsyncConfig) -> None:
     """Raise ConfigError naming the first bad field."""
     if cfg.mode not in MODES:
@@ -98,6 +107,8 @@ def validate(cfg: AsyncConfig) -> None:
     runs.validate(cfg.run)
     if cfg.run.check_replicas:
         raise ConfigError("--check_replicas: an asynchronous run keeps one parameter copy")
+    if not cfg.dc_lambda >= 0:
+        raise ConfigError(f"--dc_lambda must be >= 0 (0: off), got {cfg.dc_lambda}")
     if not cfg.timeout_s > 0:
         raise ConfigError(f"--timeout_s must be > 0, got {cfg.timeout_s}")
     worker_model = cfg.staleness.model in WORKER_MODELS
@@ -140,12 +151,11 @@ def train_async(cfg: AsyncConfig) -> dict:
     if cfg.mode not in MODES:  # validate() raised already; kept so a new mode cannot fall through
         raise ConfigError(f"unknown mode {cfg.mode!r}; choose from {list(MODES)}")
     build = _emulated if cfg.mode == "emulated" else _threads
-    identity = runs.identity_of(runs.IDENTITY_FIELDS + ASYNC_IDENTITY_FIELDS)
     return loop.run(
         cfg,
         total=cfg.run.steps,
         strategy=cfg.strategy,
-        identity=identity,
+        identity=_identity,
         build=lambda _: build(cfg),
     )
 
@@ -173,6 +183,7 @@ def _base_summary(cfg, steps, final_loss, eval_metrics, times, params, taus) -> 
         "num_workers": cfg.staleness.num_workers,
         "staleness_model": cfg.staleness.model if cfg.mode == "emulated" else "measured",
         "staleness_aware_lr": cfg.staleness_aware_lr,
+        "dc_lambda": cfg.dc_lambda,
         "steps": steps,
         "final_loss": final_loss,
         **eval_metrics,
@@ -236,7 +247,12 @@ def _emulated(cfg: AsyncConfig) -> loop.Job:
     tx = optim.guarded(tx, run.max_nonfinite)  # skipped inside the update, on the mean gradient
     schedule = make_schedule(dataclasses.replace(cfg.staleness, seed=run.seed), run.steps)
     emu = make_emulator(
-        loss_fn, tx, int(schedule.taus.max()) + 1, cfg.staleness.n_push, cfg.staleness_aware_lr
+        loss_fn,
+        tx,
+        int(schedule.taus.max()) + 1,
+        cfg.staleness.n_push,
+        cfg.staleness_aware_lr,
+        dc_lambda=cfg.dc_lambda,
     )
 
     def advance(tree, batches, first, n):
@@ -294,6 +310,7 @@ def _threads(cfg: AsyncConfig) -> loop.Job:
         lock=cfg.lock,
         n_push=s.n_push,
         staleness_aware=cfg.staleness_aware_lr,
+        dc_lambda=cfg.dc_lambda,
         slowdown=slowdown,
         timeout_s=cfg.timeout_s,
         ssp_bound=s.ssp_bound,
