@@ -202,6 +202,18 @@ FULL_RUNS = (
         "rl",
     ),
     FullRun(
+        "rl_speed_full",
+        "Reinforcement learning speed, 500k env steps, equal work per env step",
+        "docs/full_runs/bench_rl_speed.json",
+        "python experiments/bench_rl.py --parts=speed --out=docs/full_runs/bench_rl_speed",
+        "PPO on CartPole-v1 on 1-8 emulated devices with every sync backend: the global rollout "
+        "stays 512 env steps per update and each update takes 16 optimizer steps, so every row "
+        "does the same work per env step; env steps/s is the median of 3 timed runs after "
+        "compilation, and 'vs 1 device' a ratio measured in the same run (8 emulated devices "
+        "share 2 cores: not a hardware speedup).",
+        "rl",
+    ),
+    FullRun(
         "gan_ring8_full",
         "GAN mode coverage, ring of 8 Gaussians, 10,000 steps",
         "docs/full_runs/bench_gan_ring8.json",
