@@ -45,6 +45,8 @@ STRATEGY = {
     "step on the all-reduced pseudo-gradient every H steps (Douillard et al. 2023).",
     "outer_learning_rate": "DiLoCo outer learning rate (> 0; the paper's 0.7).",
     "outer_momentum": "DiLoCo Nesterov outer momentum in [0, 1) (the paper's 0.9).",
+    "elastic_alpha": "EASGD (Zhang et al. 2015): moving rate α in (0, 1) of the elastic step "
+    "every --local_steps=τ between each worker and a center variable (0: off).",
     "grad_accum": "Microbatches per device per step (>= 1): one step on the "
     "global --batch_size, split k ways (divides --batch_size / --num_devices).",
     "precision": "float32 | bfloat16 (bfloat16 compute, float32 master weights and optimizer "

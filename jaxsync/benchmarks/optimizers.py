@@ -107,9 +107,13 @@ def _train(cfg):
     }
 
 
+EASGD_ALPHA = 0.1  # the moving rate of the EASGD rows (β = N·α = 0.8 at N = 8)
+
+
 def local_sgd_rows(s):
-    """Synchronous SGD, and local SGD and DiLoCo (Nesterov outer step, lr 0.7, momentum 0.9) with
-    each H: bytes per step and final losses."""
+    """Synchronous SGD, and local SGD, DiLoCo (Nesterov outer step, lr 0.7, momentum 0.9) and
+    EASGD with each H (= τ): bytes per step and final losses. The losses are of the workers'
+    mean."""
     from jaxsync.sync import allreduce_bytes
 
     n = s.num_devices
@@ -117,10 +121,13 @@ def local_sgd_rows(s):
     rows = []
     for h in [0] + sorted({int(v) for v in s.local_steps}):
         sent = allreduce_bytes(n, param_bytes) / max(h, 1)  # gradients (h=0) or parameters
-        for method, outer in (("local SGD", "none"), ("DiLoCo", "nesterov")):
-            if h == 0 and outer != "none":
-                continue
-            cfg = _base(s, strategy="ring", local_steps=h, outer_optimizer=outer)
+        methods = (
+            ("local SGD", {}),
+            ("DiLoCo", {"outer_optimizer": "nesterov"}),
+            (f"EASGD α={EASGD_ALPHA:g}", {"elastic_alpha": EASGD_ALPHA}),
+        )
+        for method, extra in methods if h else methods[:1]:
+            cfg = _base(s, strategy="ring", local_steps=h, **extra)
             name = "sync SGD" if h == 0 else method
             rows.append({"method": name, "H": h or "–", "bytes_per_step": sent, **_train(cfg)})
     for r in rows:

@@ -5,7 +5,8 @@
   a reduce-scatter / all-gather pair (``Backend.zero``).
 - ``local_steps`` (local SGD, :mod:`jaxsync.sync.local_sgd`): parameters averaged every H steps by
   the backend's all-reduce; with ``outer`` (DiLoCo, :mod:`jaxsync.sync.diloco`) the averaged
-  pseudo-gradient goes through an outer optimizer instead.
+  pseudo-gradient goes through an outer optimizer instead; with ``elastic_alpha`` (EASGD,
+  :mod:`jaxsync.sync.easgd`) workers and a center variable pull on each other.
 - ``compression`` (:mod:`jaxsync.compression`): bf16 or top-k gradient messages with error
   feedback, on backends that carry them (``Backend.compression``).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import optax
 
 from jaxsync import ConfigError, collectives
-from jaxsync.sync import diloco, local_sgd, zero
+from jaxsync.sync import diloco, easgd, local_sgd, zero
 from jaxsync.sync.base import SyncBackend
 from jaxsync.sync.registry import BACKENDS, get
 
@@ -46,6 +47,7 @@ def make_local(
     bucket_bytes=collectives.DEFAULT_BUCKET_BYTES,
     server: int = 0,
     outer=None,
+    elastic_alpha: float = 0.0,
     **_,
 ) -> SyncBackend:
     """Local SGD: local steps, parameters averaged every ``local_steps`` by ``name``'s
@@ -53,6 +55,8 @@ def make_local(
     mean = get(name).mean_fn(axis_name, bucket_bytes, server)
     if outer is not None:
         local = diloco.diloco(tx, outer, mean, local_steps)
+    elif elastic_alpha:
+        local = easgd.easgd(tx, mean, axis_name, local_steps, elastic_alpha)
     else:
         local = local_sgd.local_sgd(tx, mean, local_steps, average_opt_state)
     return SyncBackend(name, local.init, local.update, server_state=True, local_params=True)
@@ -66,12 +70,20 @@ def check_options(
     compression=None,
     outer=None,
     average_opt_state: bool = False,
+    elastic_alpha: float = 0.0,
 ) -> None:
     """Raise ConfigError for option combinations no backend implements."""
     backend = get(name)
     compressed = compression is not None and compression.name != "none"
     if local_steps < 0:
         raise ConfigError(f"--local_steps must be >= 0 (0: synchronous), got {local_steps}")
+    if elastic_alpha:
+        easgd.check_alpha(elastic_alpha)
+        if not local_steps or outer is not None or average_opt_state:
+            raise ConfigError(
+                "--elastic_alpha (EASGD) needs --local_steps=τ >= 1, and no --outer_optimizer "
+                "or --average_opt_state"
+            )
     if outer is not None and not local_steps:
         raise ConfigError("--outer_optimizer (DiLoCo) needs --local_steps >= 1")
     if outer is not None and average_opt_state:
@@ -111,6 +123,7 @@ def make_backend(
     average_opt_state: bool = False,
     compression=None,
     outer=None,
+    elastic_alpha: float = 0.0,
     **kw,
 ) -> SyncBackend:
     """Build the backend ``name`` for optimizer ``tx`` over mesh/pmap axis ``axis_name``.
@@ -126,6 +139,7 @@ def make_backend(
       compression: a :class:`jaxsync.compression.Compression` for backends that carry it.
       outer: DiLoCo's outer optimizer (:func:`jaxsync.sync.diloco.outer_optimizer`); needs
         ``local_steps``.
+      elastic_alpha: EASGD's moving rate α in (0, 1), elastic step every ``local_steps``.
       **kw: ``bucket_bytes``, ``server``, ``clip_norm``.
     """
     check_options(
@@ -135,11 +149,21 @@ def make_backend(
         compression=compression,
         outer=outer,
         average_opt_state=average_opt_state,
+        elastic_alpha=elastic_alpha,
     )
     if shard_optimizer:
         return make_sharded(name, tx, axis_name, **kw)
     if local_steps:
-        return make_local(name, tx, axis_name, local_steps, average_opt_state, outer=outer, **kw)
+        return make_local(
+            name,
+            tx,
+            axis_name,
+            local_steps,
+            average_opt_state,
+            outer=outer,
+            elastic_alpha=elastic_alpha,
+            **kw,
+        )
     kw.pop("clip_norm", None)
     return get(name).build(tx, axis_name, compression=compression, **kw)
 
