@@ -7,8 +7,8 @@ communicated bytes for local SGD and compressed gradients.
    SGD inside, with H = τ in --local_steps against synchronous SGD: bytes sent per step
    (all devices, 2(N−1)·S per parameter average / H) and the loss after --steps steps.
 3. Gradient compression on every backend of jaxsync.sync.BACKENDS that carries compressed
-   messages (ring and ps; none | bf16 | top-k with error feedback): bytes sent per step and the
-   loss after --steps steps, against uncompressed.
+   messages (ring and ps; none | bf16 | top-k with error feedback), and PowerSGD at ranks 1 and 4
+   on the ring: bytes sent per step and the loss after --steps steps, against uncompressed.
 
     python experiments/bench_optimizers.py --quick
     python experiments/bench_optimizers.py --steps=300 --width=256

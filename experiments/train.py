@@ -54,6 +54,8 @@ STRATEGY = {
     "compression": "ring | ps gradient messages: none | bf16 | topk "
     "(largest --topk_ratio of each bucket); both with error feedback.",
     "topk_ratio": "--compression=topk: fraction of each gradient bucket sent, in (0, 1].",
+    "powersgd_rank": "PowerSGD (Vogels et al. 2019): rank-r gradient matrices with error "
+    "feedback and a warm-started Q, two all-reduces per step, any backend (0: off).",
 }
 cli.define_fields(TrainConfig(), STRATEGY)
 cli.define_device_flags()

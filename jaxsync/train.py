@@ -63,6 +63,7 @@ class TrainConfig:
     outer_learning_rate: float = 0.7  # the paper's (Douillard et al. 2023)
     outer_momentum: float = 0.9  # nesterov only
     elastic_alpha: float = 0.0  # EASGD moving rate α in (0, 1), every local_steps = τ (0: off)
+    powersgd_rank: int = 0  # r >= 1: PowerSGD rank-r gradient messages, error feedback (0: off)
     grad_accum: int = 1  # k microbatches per device per step (global batch = k·N·b)
     precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 master weights)
     compression: str = "none"  # ring | ps gradient messages: none | bf16 | topk (error feedback)
@@ -104,6 +105,7 @@ def _dist_options(cfg, tx):
         compression=compression.make_compression(cfg.compression, cfg.topk_ratio),
         outer=_outer(cfg),
         elastic_alpha=cfg.elastic_alpha,
+        powersgd_rank=cfg.powersgd_rank,
     )
     if cfg.shard_optimizer and cfg.optim.clip_norm > 0:
         tx = optim.make_optimizer(
@@ -132,10 +134,11 @@ def _validate_dist(cfg) -> None:
     data_parallel = cfg.strategy in sync.backend_names()
     outer = _outer(cfg)  # validates its name and values
     options = cfg.shard_optimizer or cfg.local_steps or comp.name != "none" or cfg.elastic_alpha
+    options = options or cfg.powersgd_rank
     if (options or outer is not None) and not data_parallel:
         raise ConfigError(
-            "--shard_optimizer, --local_steps, --outer_optimizer, --elastic_alpha and "
-            "--compression need a data-parallel "
+            "--shard_optimizer, --local_steps, --outer_optimizer, --elastic_alpha, "
+            "--powersgd_rank and --compression need a data-parallel "
             f"--strategy ({', '.join(sync.backend_names())}), not {cfg.strategy}"
         )
     if cfg.strategy in MODEL_PARALLEL and (cfg.grad_accum > 1 or cfg.precision != "float32"):
@@ -151,6 +154,7 @@ def _validate_dist(cfg) -> None:
             outer=outer,
             average_opt_state=cfg.average_opt_state,
             elastic_alpha=cfg.elastic_alpha,
+            powersgd_rank=cfg.powersgd_rank,
         )
     n = 1 if cfg.strategy in ("single", *MODEL_PARALLEL) else cfg.num_devices
     if cfg.batch_size % (n * cfg.grad_accum):

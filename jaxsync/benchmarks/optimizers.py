@@ -181,6 +181,41 @@ def compression_rows(s):
             row["bytes_vs_none"] = sent / base["bytes_per_step"]
             row["loss_vs_none"] = row["final_loss"] / base["final_loss"]
             rows.append(row)
+        if backend == "ring":
+            rows += _powersgd_rows(s, backend, base)
+    return rows
+
+
+POWERSGD_RANKS = (1, 4)
+
+
+def _powersgd_rows(s, backend, base):
+    """PowerSGD at each rank: (m + n)·r numbers per matrix and the vectors, all-reduced by the
+    backend (counted as the backend's all-reduce of those float32 bytes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsync import data, models, sync
+    from jaxsync.sync.powersgd import message_numbers
+
+    cfg = _base(s)
+    ds = data.load_dataset(cfg.dataset, cfg.run.seed, cfg.data_dir)
+    model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
+    params = model.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
+    shapes = [p.shape for p in jax.tree.leaves(params)]
+    rows = []
+    for r in POWERSGD_RANKS:
+        sent = sync.get(backend).total_bytes(s.num_devices, 4 * message_numbers(shapes, r))
+        row = {
+            "backend": backend,
+            "compression": f"PowerSGD r={r}",
+            "bytes_per_step": sent,
+            "note": "two all-reduces of unpadded matrices",
+            **_train(_base(s, strategy=backend, powersgd_rank=r)),
+        }
+        row["bytes_vs_none"] = sent / base["bytes_per_step"]
+        row["loss_vs_none"] = row["final_loss"] / base["final_loss"]
+        rows.append(row)
     return rows
 
 

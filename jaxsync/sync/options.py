@@ -9,6 +9,8 @@
   :mod:`jaxsync.sync.easgd`) workers and a center variable pull on each other.
 - ``compression`` (:mod:`jaxsync.compression`): bf16 or top-k gradient messages with error
   feedback, on backends that carry them (``Backend.compression``).
+- ``powersgd_rank`` (:mod:`jaxsync.sync.powersgd`): rank-r PowerSGD messages with error feedback,
+  through any backend's all-reduce.
 
 :func:`gradient_bytes_per_step` counts what each sends.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import optax
 
 from jaxsync import ConfigError, collectives
-from jaxsync.sync import diloco, easgd, local_sgd, zero
+from jaxsync.sync import diloco, easgd, local_sgd, powersgd, zero
 from jaxsync.sync.base import SyncBackend
 from jaxsync.sync.registry import BACKENDS, get
 
@@ -71,12 +73,20 @@ def check_options(
     outer=None,
     average_opt_state: bool = False,
     elastic_alpha: float = 0.0,
+    powersgd_rank: int = 0,
 ) -> None:
     """Raise ConfigError for option combinations no backend implements."""
     backend = get(name)
     compressed = compression is not None and compression.name != "none"
     if local_steps < 0:
         raise ConfigError(f"--local_steps must be >= 0 (0: synchronous), got {local_steps}")
+    if powersgd_rank:
+        powersgd.check_rank(powersgd_rank)
+        if shard_optimizer or local_steps or compression is not None and compression.name != "none":
+            raise ConfigError(
+                "--powersgd_rank compresses the gradient exchange; it cannot be combined with "
+                "--shard_optimizer, --local_steps or --compression"
+            )
     if elastic_alpha:
         easgd.check_alpha(elastic_alpha)
         if not local_steps or outer is not None or average_opt_state:
@@ -124,6 +134,7 @@ def make_backend(
     compression=None,
     outer=None,
     elastic_alpha: float = 0.0,
+    powersgd_rank: int = 0,
     **kw,
 ) -> SyncBackend:
     """Build the backend ``name`` for optimizer ``tx`` over mesh/pmap axis ``axis_name``.
@@ -140,6 +151,7 @@ def make_backend(
       outer: DiLoCo's outer optimizer (:func:`jaxsync.sync.diloco.outer_optimizer`); needs
         ``local_steps``.
       elastic_alpha: EASGD's moving rate α in (0, 1), elastic step every ``local_steps``.
+      powersgd_rank: r >= 1 for PowerSGD gradient messages (0: off).
       **kw: ``bucket_bytes``, ``server``, ``clip_norm``.
     """
     check_options(
@@ -150,7 +162,14 @@ def make_backend(
         outer=outer,
         average_opt_state=average_opt_state,
         elastic_alpha=elastic_alpha,
+        powersgd_rank=powersgd_rank,
     )
+    if powersgd_rank:
+        mean = get(name).mean_fn(
+            axis_name, kw.get("bucket_bytes", collectives.DEFAULT_BUCKET_BYTES), kw.get("server", 0)
+        )
+        init, update = powersgd.powersgd(tx, mean, powersgd_rank)
+        return SyncBackend(name, init, update, server_state=True)
     if shard_optimizer:
         return make_sharded(name, tx, axis_name, **kw)
     if local_steps:
