@@ -27,9 +27,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from jaxsync import ConfigError
+from jaxsync.sync import local_sgd
 
 OUTER_OPTIMIZERS = ("sgd", "nesterov")
 
@@ -83,8 +83,7 @@ def diloco(
       A :class:`DiLoCo`; the outer step runs under ``lax.cond`` (every device holds the same
       count, so all take the same branch and no bytes move between outer steps).
     """
-    if local_steps < 1:
-        raise ConfigError(f"--local_steps must be >= 1, got {local_steps}")
+    local_sgd.check_period(local_steps)
 
     def init(params):
         zero = jnp.zeros((), jnp.int32)
@@ -100,13 +99,8 @@ def diloco(
         updates, inner = inner_tx.update(grads, state.inner, params)
         params = optax.apply_updates(params, updates)
         count = state.count + 1
-        params, outer, outer_opt = lax.cond(
-            count % local_steps == 0,
-            outer_step,
-            lambda p, o, s: (p, o, s),
-            params,
-            state.outer,
-            state.outer_opt,
+        params, outer, outer_opt = local_sgd.every(
+            count, local_steps, outer_step, params, state.outer, state.outer_opt
         )
         return params, DiLoCoState(count, inner, outer, outer_opt)
 

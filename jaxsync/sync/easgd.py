@@ -25,6 +25,7 @@ import optax
 from jax import lax
 
 from jaxsync import ConfigError
+from jaxsync.sync import local_sgd
 
 
 class EASGDState(NamedTuple):
@@ -64,8 +65,7 @@ def easgd(
       period: τ >= 1 local steps between elastic steps.
       alpha: the moving rate α in (0, 1).
     """
-    if period < 1:
-        raise ConfigError(f"--local_steps must be >= 1, got {period}")
+    local_sgd.check_period(period)
     check_alpha(alpha)
 
     def init(params):
@@ -82,11 +82,7 @@ def easgd(
         updates, inner = tx.update(grads, state.inner, params)
         params = optax.apply_updates(params, updates)
         count = state.count + 1
-        # Every device holds the same count: all take the same branch (the collective runs on
-        # every device or on none).
-        params, center = lax.cond(
-            count % period == 0, elastic, lambda p, c: (p, c), params, state.center
-        )
+        params, center = local_sgd.every(count, period, elastic, params, state.center)
         return params, EASGDState(count, inner, center)
 
     return EASGD(init, update)

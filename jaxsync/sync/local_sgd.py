@@ -52,6 +52,20 @@ def _average_floats(tree, average: Callable[[Any], Any]):
     return jax.tree.unflatten(treedef, out)
 
 
+def check_period(period: int) -> None:
+    """ConfigError unless the number of local steps between synchronisations is >= 1."""
+    if period < 1:
+        raise ConfigError(f"--local_steps must be >= 1, got {period}")
+
+
+def every(count, period: int, fn, *operands):
+    """``fn(*operands)`` when ``count`` is a multiple of ``period``, else ``operands`` unchanged,
+    under ``lax.cond``: every device holds the same count, so all take the same branch and the
+    collectives in ``fn`` run on every device or on none (no bytes move between rounds). Local
+    SGD, DiLoCo and EASGD synchronise this way."""
+    return lax.cond(count % period == 0, fn, lambda *a: a, *operands)
+
+
 def local_sgd(
     tx: optax.GradientTransformation,
     average: Callable[[Any], Any],
@@ -70,8 +84,7 @@ def local_sgd(
     Returns:
       A :class:`LocalSGD`; the averaging runs under ``lax.cond`` so no bytes move between rounds.
     """
-    if local_steps < 1:
-        raise ConfigError(f"--local_steps must be >= 1, got {local_steps}")
+    check_period(local_steps)
 
     def init(params):
         return LocalSGDState(jnp.zeros((), jnp.int32), tx.init(params))
@@ -85,9 +98,7 @@ def local_sgd(
         updates, inner = tx.update(grads, state.inner, params)
         params = optax.apply_updates(params, updates)
         count = state.count + 1
-        # Every device holds the same count, so all take the same branch and the collectives in
-        # `sync` run on every device or on none.
-        params, inner = lax.cond(count % local_steps == 0, sync, lambda p, s: (p, s), params, inner)
+        params, inner = every(count, local_steps, sync, params, inner)
         return params, LocalSGDState(count, inner)
 
     return LocalSGD(init, update)
