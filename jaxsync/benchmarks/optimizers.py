@@ -42,18 +42,24 @@ def _base(s, **kw):
     return make(TrainConfig, **{**fields, **kw})
 
 
-def _param_lengths(cfg, multiple_of):
-    """Bucket lengths of the model's parameters as the backends pack them (padding included)."""
+def _params(cfg):
+    """The model's initial parameters (their shapes are what the byte counts need)."""
     import jax
     import jax.numpy as jnp
 
-    from jaxsync import collectives, data, models
+    from jaxsync import data, models
 
     ds = data.load_dataset(cfg.dataset, cfg.run.seed, cfg.data_dir)
     model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
-    params = model.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
+    return model.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
+
+
+def _param_lengths(cfg, multiple_of):
+    """Bucket lengths of the model's parameters as the backends pack them (padding included)."""
+    from jaxsync import collectives
+
     buckets, _ = collectives.flatten_to_buckets(
-        params, collectives.DEFAULT_BUCKET_BYTES, multiple_of
+        _params(cfg), collectives.DEFAULT_BUCKET_BYTES, multiple_of
     )
     return [b.shape[0] for b in buckets]
 
@@ -193,16 +199,11 @@ def _powersgd_rows(s, backend, base):
     """PowerSGD at each rank: (m + n)·r numbers per matrix and the vectors, all-reduced by the
     backend (counted as the backend's all-reduce of those float32 bytes)."""
     import jax
-    import jax.numpy as jnp
 
-    from jaxsync import data, models, sync
+    from jaxsync import sync
     from jaxsync.sync.powersgd import message_numbers
 
-    cfg = _base(s)
-    ds = data.load_dataset(cfg.dataset, cfg.run.seed, cfg.data_dir)
-    model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
-    params = model.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
-    shapes = [p.shape for p in jax.tree.leaves(params)]
+    shapes = [p.shape for p in jax.tree.leaves(_params(_base(s)))]
     rows = []
     for r in POWERSGD_RANKS:
         sent = sync.get(backend).total_bytes(s.num_devices, 4 * message_numbers(shapes, r))

@@ -96,8 +96,10 @@ class Backend:
     zero: Collectives | None = None
     in_layer: bool = True
 
-    def mean_fn(self, axis_name, bucket_bytes=collectives.DEFAULT_BUCKET_BYTES, server: int = 0):
-        """``tree -> mean over the axis`` by this backend's collective."""
+    def mean_fn(
+        self, axis_name, bucket_bytes=collectives.DEFAULT_BUCKET_BYTES, server: int = 0, **_
+    ):
+        """``tree -> mean over the axis`` by this backend's collective (other options ignored)."""
         return lambda t: self.all_reduce(
             t, axis_name, mean=True, bucket_bytes=bucket_bytes, server=server
         )
@@ -106,10 +108,7 @@ class Backend:
         """The :class:`SyncBackend` for optimizer ``tx`` (no ZeRO, no local SGD)."""
         if self.make is not None:
             return self.make(tx, axis_name, **kw)
-        mean = self.mean_fn(
-            axis_name, kw.get("bucket_bytes", collectives.DEFAULT_BUCKET_BYTES), kw.get("server", 0)
-        )
-        return allreduce_backend(self.name, mean, tx)
+        return allreduce_backend(self.name, self.mean_fn(axis_name, **kw), tx)
 
 
 class CompressedState(NamedTuple):

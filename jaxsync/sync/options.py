@@ -165,10 +165,7 @@ def make_backend(
         powersgd_rank=powersgd_rank,
     )
     if powersgd_rank:
-        mean = get(name).mean_fn(
-            axis_name, kw.get("bucket_bytes", collectives.DEFAULT_BUCKET_BYTES), kw.get("server", 0)
-        )
-        init, update = powersgd.powersgd(tx, mean, powersgd_rank)
+        init, update = powersgd.powersgd(tx, get(name).mean_fn(axis_name, **kw), powersgd_rank)
         return SyncBackend(name, init, update, server_state=True)
     if shard_optimizer:
         return make_sharded(name, tx, axis_name, **kw)
