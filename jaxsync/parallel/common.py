@@ -36,6 +36,8 @@ class Strategy(NamedTuple):
         :class:`jaxsync.replicas.ReplicaDivergence` unless every device copy of what the step
         keeps replicated is bit-identical (:mod:`jaxsync.replicas`). The default checks
         ``state.params`` by shard (right for replicated, tensor- and pipeline-sharded parameters).
+      consensus: ``state -> Ξ``, the consensus distance of per-device parameters (local SGD,
+        DiLoCo, EASGD, gossip), logged beside the loss; None where the parameters are replicated.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Strategy(NamedTuple):
     params: Callable
     num_devices: int
     check_replicas: Callable = lambda state: check_replicas(state.params)
+    consensus: Callable | None = None
 
 
 def state_specs(tx, state: TrainState, specs) -> TrainState:

@@ -127,15 +127,19 @@ def make_data_parallel(
         )
     build = _shard_map_strategy if frontend == "shard_map" else _pmap_strategy
     strategy = build(device_step, sync, model_init, num_devices, axis_name, backend)
-    check = _replica_check(sync, frontend, backend_kw.get("local_steps", 0))
-    return strategy._replace(check_replicas=check)
+    check = _replica_check(sync, frontend)
+    consensus = jax.jit(lambda s: per_device.consensus_distance(s.params))
+    return strategy._replace(
+        check_replicas=check, consensus=consensus if sync.local_params else None
+    )
 
 
-def _replica_check(sync, frontend: str, local_steps: int):
+def _replica_check(sync, frontend: str):
     """``state -> leaves checked``: what the backend keeps the same on every device must be.
 
     Always the step counter; the parameters, except between local SGD's averages (after step
-    t with t % H == 0 every device holds the average); the optimizer state unless the backend
+    t with t % H == 0 every device holds the average, ``sync.equal_every``; never under EASGD or
+    gossip, whose workers stay apart); the optimizer state unless the backend
     keeps it per device (``server_state``: the server's copy, a ZeRO slice, residuals). Under
     pmap every field has a leading device axis, so copies are rows; under shard_map the
     replicated fields are compared buffer by buffer and local SGD's stacked parameters by rows.
@@ -147,7 +151,7 @@ def _replica_check(sync, frontend: str, local_steps: int):
         step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
         if not sync.local_params:
             yield state.params, rows
-        elif step % local_steps == 0:
+        elif sync.equal_every and step % sync.equal_every == 0:
             yield state.params, True
         if not sync.server_state:
             yield state.opt_state, rows

@@ -47,6 +47,17 @@ def mean_rows(tree):
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
 
 
+def consensus_distance(stacked) -> jax.Array:
+    """Ξ = (1/N Σ_i ‖x_i − x̄‖²)^½ over the leading device axis, all leaves forming one vector x_i
+    per device: how far apart the devices' parameters are (Kong et al. 2021, "Consensus Control
+    for Decentralized Deep Learning"). 0 when every device holds the same parameters."""
+    sq = sum(
+        jnp.sum(jnp.square(x - jnp.mean(x, axis=0)), axis=tuple(range(1, x.ndim)))
+        for x in jax.tree.leaves(stacked)
+    )
+    return jnp.sqrt(jnp.mean(sq))
+
+
 def specs(per_device, axis: str):
     """``P(axis)`` for each per-device field of ``per_device``, ``P()`` for the others."""
     return jax.tree.map(lambda d: P(axis) if d else P(), per_device)

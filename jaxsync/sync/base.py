@@ -38,6 +38,9 @@ class SyncBackend(NamedTuple):
         error-feedback residual), so strategies keep it with a leading device axis.
       local_params: the parameters differ per device between averages (local SGD); strategies keep
         them with a leading device axis too and report their mean.
+      equal_every: with ``local_params``, every device holds the same parameters after each step
+        that is a multiple of this (local SGD's H); 0: never (EASGD, gossip, streaming DiLoCo).
+        The replica check reads it.
     """
 
     name: str
@@ -45,6 +48,7 @@ class SyncBackend(NamedTuple):
     update: Callable[[Any, Any, Any], tuple[Any, Any]]
     server_state: bool = False
     local_params: bool = False
+    equal_every: int = 0
 
 
 class Collectives(NamedTuple):

@@ -65,11 +65,24 @@ def outer_optimizer(name: str, learning_rate: float = 0.7, momentum: float = 0.9
     return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
 
 
+QUANTIZE = ("none",)
+
+
+def check_streaming(fragments: int, quantize: str, local_steps: int) -> None:
+    """ConfigError for Streaming DiLoCo options no run can use."""
+    if fragments != 1:
+        raise ConfigError("--diloco_fragments > 1 is not implemented yet")
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"unknown --outer_quantize {quantize!r}; choose from {QUANTIZE}")
+
+
 def diloco(
     inner_tx: optax.GradientTransformation,
     outer_tx: optax.GradientTransformation,
     average: Callable[[Any], Any],
     local_steps: int,
+    fragments: int = 1,
+    quantize: str = "none",
 ) -> DiLoCo:
     """DiLoCo with an outer step every ``local_steps`` inner steps.
 
