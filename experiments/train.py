@@ -45,6 +45,13 @@ STRATEGY = {
     "step on the all-reduced pseudo-gradient every H steps (Douillard et al. 2023).",
     "outer_learning_rate": "DiLoCo outer learning rate (> 0; the paper's 0.7).",
     "outer_momentum": "DiLoCo Nesterov outer momentum in [0, 1) (the paper's 0.9).",
+    "diloco_fragments": "Streaming DiLoCo (Douillard et al. 2025): P >= 1 parameter fragments, "
+    "each with its outer step every H steps at a staggered offset (1: DiLoCo).",
+    "outer_quantize": "DiLoCo outer pseudo-gradient messages: none (float32) or a low-precision "
+    "format (jaxsync.sync.diloco.QUANTIZE).",
+    "gossip_topology": "Gossip SGD (D-PSGD, Lian et al. 2017): none | ring | torus | exponential | "
+    "one_peer_exponential | complete; each device averages with its neighbours by ppermute "
+    "every --local_steps (0: every step), no all-reduce.",
     "elastic_alpha": "EASGD (Zhang et al. 2015): moving rate α in (0, 1) of the elastic step "
     "every --local_steps=τ between each worker and a center variable (0: off).",
     "grad_accum": "Microbatches per device per step (>= 1): one step on the "

@@ -30,6 +30,7 @@ from jaxsync.metrics import median_ms, to_python
 from jaxsync.parallel import pipeline, tensor
 from jaxsync.parallel.common import param_checksum
 from jaxsync.parallel.data_parallel import FRONTENDS, make_data_parallel, make_single
+from jaxsync.sync import gossip
 from jaxsync.sync.diloco import outer_optimizer
 
 
@@ -62,8 +63,13 @@ class TrainConfig:
     outer_optimizer: str = "none"
     outer_learning_rate: float = 0.7  # the paper's (Douillard et al. 2023)
     outer_momentum: float = 0.9  # nesterov only
+    # Streaming DiLoCo (Douillard et al. 2025): P fragments synchronised at staggered steps
+    diloco_fragments: int = 1  # 1: DiLoCo (every parameter at every outer step)
+    outer_quantize: str = "none"  # outer pseudo-gradient messages: none (float32) | see diloco
     elastic_alpha: float = 0.0  # EASGD moving rate α in (0, 1), every local_steps = τ (0: off)
     powersgd_rank: int = 0  # r >= 1: PowerSGD rank-r gradient messages, error feedback (0: off)
+    # gossip SGD: neighbours averaged by ppermute, a round every local_steps (0: every step)
+    gossip_topology: str = "none"  # none | ring | torus | exponential | one_peer_exponential | ...
     grad_accum: int = 1  # k microbatches per device per step (global batch = k·N·b)
     precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 master weights)
     compression: str = "none"  # ring | ps gradient messages: none | bf16 | topk (error feedback)
@@ -106,6 +112,9 @@ def _dist_options(cfg, tx):
         outer=_outer(cfg),
         elastic_alpha=cfg.elastic_alpha,
         powersgd_rank=cfg.powersgd_rank,
+        diloco_fragments=cfg.diloco_fragments,
+        outer_quantize=cfg.outer_quantize,
+        gossip_topology=cfg.gossip_topology,
     )
     if cfg.shard_optimizer and cfg.optim.clip_norm > 0:
         tx = optim.make_optimizer(
@@ -134,11 +143,11 @@ def _validate_dist(cfg) -> None:
     data_parallel = cfg.strategy in sync.backend_names()
     outer = _outer(cfg)  # validates its name and values
     options = cfg.shard_optimizer or cfg.local_steps or comp.name != "none" or cfg.elastic_alpha
-    options = options or cfg.powersgd_rank
+    options = options or cfg.powersgd_rank or cfg.gossip_topology != "none"
     if (options or outer is not None) and not data_parallel:
         raise ConfigError(
             "--shard_optimizer, --local_steps, --outer_optimizer, --elastic_alpha, "
-            "--powersgd_rank and --compression need a data-parallel "
+            "--powersgd_rank, --gossip_topology and --compression need a data-parallel "
             f"--strategy ({', '.join(sync.backend_names())}), not {cfg.strategy}"
         )
     if cfg.strategy in MODEL_PARALLEL and (cfg.grad_accum > 1 or cfg.precision != "float32"):
@@ -155,7 +164,12 @@ def _validate_dist(cfg) -> None:
             average_opt_state=cfg.average_opt_state,
             elastic_alpha=cfg.elastic_alpha,
             powersgd_rank=cfg.powersgd_rank,
+            diloco_fragments=cfg.diloco_fragments,
+            outer_quantize=cfg.outer_quantize,
+            gossip_topology=cfg.gossip_topology,
         )
+        if cfg.gossip_topology != "none":
+            gossip.check_topology(cfg.gossip_topology, cfg.num_devices)
     n = 1 if cfg.strategy in ("single", *MODEL_PARALLEL) else cfg.num_devices
     if cfg.batch_size % (n * cfg.grad_accum):
         raise ConfigError(
@@ -272,6 +286,8 @@ def _job(cfg: TrainConfig) -> loop.Job:
             "nonfinite_steps": chunk["nonfinite"][1],
             "step_time_ms": median_ms(times[-run.log_every :]),
         }
+        if strategy.consensus is not None:  # per-device parameters: how far apart they are
+            host["record"]["consensus_distance"] = float(strategy.consensus(tree["state"]))
         return [host["record"]], host
 
     def summary(tree, host, times):
@@ -287,6 +303,7 @@ def _job(cfg: TrainConfig) -> loop.Job:
             "nonfinite_steps": record.get("nonfinite_steps", 0),
             "step_time_ms": median_ms(times),
             "param_checksum": param_checksum(strategy.params(tree["state"])),
+            **({"consensus_distance": record["consensus_distance"]} if strategy.consensus else {}),
         }
 
     return loop.Job(

@@ -11,6 +11,8 @@
   feedback, on backends that carry them (``Backend.compression``).
 - ``powersgd_rank`` (:mod:`jaxsync.sync.powersgd`): rank-r PowerSGD messages with error feedback,
   through any backend's all-reduce.
+- ``gossip_topology`` (:mod:`jaxsync.sync.gossip`): decentralised gossip SGD, neighbours averaged
+  by ``lax.ppermute`` over a topology, no all-reduce.
 
 :func:`gradient_bytes_per_step` counts what each sends.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import optax
 
 from jaxsync import ConfigError, collectives
-from jaxsync.sync import diloco, easgd, local_sgd, powersgd, zero
+from jaxsync.sync import diloco, easgd, gossip, local_sgd, powersgd, zero
 from jaxsync.sync.base import SyncBackend
 from jaxsync.sync.registry import BACKENDS, get
 
@@ -50,18 +52,40 @@ def make_local(
     server: int = 0,
     outer=None,
     elastic_alpha: float = 0.0,
+    diloco_fragments: int = 1,
+    outer_quantize: str = "none",
     **_,
 ) -> SyncBackend:
     """Local SGD: local steps, parameters averaged every ``local_steps`` by ``name``'s
-    all-reduce; with an ``outer`` optimizer, DiLoCo's outer step on the pseudo-gradient."""
+    all-reduce; with an ``outer`` optimizer, DiLoCo's outer step on the pseudo-gradient
+    (Streaming DiLoCo with ``diloco_fragments`` > 1 or a quantised ``outer_quantize``)."""
     mean = get(name).mean_fn(axis_name, bucket_bytes, server)
+    equal_every = local_steps  # every device holds the average after it
     if outer is not None:
-        local = diloco.diloco(tx, outer, mean, local_steps)
+        local = diloco.diloco(
+            tx, outer, mean, local_steps, fragments=diloco_fragments, quantize=outer_quantize
+        )
+        equal_every = local_steps if diloco_fragments == 1 else 0
     elif elastic_alpha:
         local = easgd.easgd(tx, mean, axis_name, local_steps, elastic_alpha)
+        equal_every = 0  # the elastic step pulls workers toward the center, not together
     else:
         local = local_sgd.local_sgd(tx, mean, local_steps, average_opt_state)
-    return SyncBackend(name, local.init, local.update, server_state=True, local_params=True)
+    return SyncBackend(
+        name,
+        local.init,
+        local.update,
+        server_state=True,
+        local_params=True,
+        equal_every=equal_every,
+    )
+
+
+def make_gossip(name, tx, axis_name, topology: str, local_steps: int = 0, **_) -> SyncBackend:
+    """Gossip SGD (:mod:`jaxsync.sync.gossip`): a gossip round every ``local_steps`` (0 or 1:
+    every step) over ``topology``, by ``lax.ppermute``; ``name``'s all-reduce is not used."""
+    g = gossip.gossip(tx, axis_name, topology, max(local_steps, 1))
+    return SyncBackend(name, g.init, g.update, server_state=True, local_params=True)
 
 
 def check_options(
@@ -74,12 +98,24 @@ def check_options(
     average_opt_state: bool = False,
     elastic_alpha: float = 0.0,
     powersgd_rank: int = 0,
+    diloco_fragments: int = 1,
+    outer_quantize: str = "none",
+    gossip_topology: str = "none",
 ) -> None:
     """Raise ConfigError for option combinations no backend implements."""
     backend = get(name)
     compressed = compression is not None and compression.name != "none"
     if local_steps < 0:
         raise ConfigError(f"--local_steps must be >= 0 (0: synchronous), got {local_steps}")
+    if gossip_topology != "none":
+        gossip.check_name(gossip_topology)  # the device count: gossip.check_topology
+        others = shard_optimizer or compressed or outer is not None or average_opt_state
+        if others or elastic_alpha or powersgd_rank:
+            raise ConfigError(
+                "--gossip_topology (gossip SGD) takes --local_steps (rounds every H steps) but "
+                "not --shard_optimizer, --compression, --powersgd_rank, --outer_optimizer, "
+                "--elastic_alpha or --average_opt_state"
+            )
     if powersgd_rank:
         powersgd.check_rank(powersgd_rank)
         if shard_optimizer or local_steps or compression is not None and compression.name != "none":
@@ -96,6 +132,13 @@ def check_options(
             )
     if outer is not None and not local_steps:
         raise ConfigError("--outer_optimizer (DiLoCo) needs --local_steps >= 1")
+    if (diloco_fragments != 1 or outer_quantize != "none") and outer is None:
+        raise ConfigError(
+            "--diloco_fragments and --outer_quantize (Streaming DiLoCo) need --outer_optimizer "
+            "and --local_steps >= 1"
+        )
+    if outer is not None:
+        diloco.check_streaming(diloco_fragments, outer_quantize, local_steps)
     if outer is not None and average_opt_state:
         raise ConfigError(
             "--outer_optimizer and --average_opt_state cannot be combined (DiLoCo keeps each "
@@ -135,6 +178,9 @@ def make_backend(
     outer=None,
     elastic_alpha: float = 0.0,
     powersgd_rank: int = 0,
+    diloco_fragments: int = 1,
+    outer_quantize: str = "none",
+    gossip_topology: str = "none",
     **kw,
 ) -> SyncBackend:
     """Build the backend ``name`` for optimizer ``tx`` over mesh/pmap axis ``axis_name``.
@@ -152,6 +198,12 @@ def make_backend(
         ``local_steps``.
       elastic_alpha: EASGD's moving rate α in (0, 1), elastic step every ``local_steps``.
       powersgd_rank: r >= 1 for PowerSGD gradient messages (0: off).
+      diloco_fragments: Streaming DiLoCo's P parameter fragments, synchronised at staggered
+        steps (1: DiLoCo); needs ``outer``.
+      outer_quantize: the outer pseudo-gradient's message format (``none``: float32); needs
+        ``outer``.
+      gossip_topology: gossip SGD over this topology (:data:`jaxsync.sync.gossip.TOPOLOGIES`)
+        instead of any all-reduce, a round every ``local_steps`` (0: every step); ``none``: off.
       **kw: ``bucket_bytes``, ``server``, ``clip_norm``.
     """
     check_options(
@@ -163,7 +215,12 @@ def make_backend(
         average_opt_state=average_opt_state,
         elastic_alpha=elastic_alpha,
         powersgd_rank=powersgd_rank,
+        diloco_fragments=diloco_fragments,
+        outer_quantize=outer_quantize,
+        gossip_topology=gossip_topology,
     )
+    if gossip_topology != "none":
+        return make_gossip(name, tx, axis_name, gossip_topology, local_steps)
     if powersgd_rank:
         init, update = powersgd.powersgd(tx, get(name).mean_fn(axis_name, **kw), powersgd_rank)
         return SyncBackend(name, init, update, server_state=True)
@@ -178,6 +235,8 @@ def make_backend(
             average_opt_state,
             outer=outer,
             elastic_alpha=elastic_alpha,
+            diloco_fragments=diloco_fragments,
+            outer_quantize=outer_quantize,
             **kw,
         )
     kw.pop("clip_norm", None)
