@@ -1,9 +1,11 @@
 """Multi-process runs on JAX's distributed runtime, with real processes on loopback (gloo).
 
 2 processes x 2 CPU devices must train to the same parameters as 1 process x 4 devices on the same
-global batches, for psum, ring and ps; a killed process must make the others exit with one clear
-line, not hang; the launcher must stop the job when a process fails. Every subprocess is bounded
-by a timeout. Run as a script, this file is the worker process of the parity test.
+global batches, for every backend and for the methods built on them (DiLoCo, EASGD, PowerSGD,
+gossip SGD, whose messages then cross the process boundary); a killed process must make the others
+exit with one clear line, not hang; the launcher must stop the job when a process fails. Every
+subprocess is bounded by a timeout. Run as a script, this file is the worker process of the parity
+test.
 """
 
 import importlib.util
@@ -26,6 +28,15 @@ TRAIN = str(ROOT / "experiments" / "train.py")
 JOB_TIMEOUT_S = 240
 HEARTBEAT_S = 15
 STRATEGIES = sync.backend_names()  # every gradient-sync backend: psum, ring, ps
+# The methods built on a backend, each across the process boundary: name -> TrainConfig fields.
+METHODS = {
+    **{name: dict(strategy=name) for name in STRATEGIES},
+    "diloco": dict(strategy="ring", local_steps=2, outer_optimizer="nesterov"),
+    "easgd": dict(strategy="psum", local_steps=2, elastic_alpha=0.2),
+    "powersgd": dict(strategy="psum", powersgd_rank=1),
+    "gossip_ring": dict(strategy="psum", gossip_topology="ring"),
+    "gossip_one_peer": dict(strategy="psum", gossip_topology="one_peer_exponential"),
+}
 # Tiny run, with the NaN guard on (its counters live in the ps backend's per-device state).
 RUN = dict(
     num_devices=4,
@@ -67,9 +78,9 @@ def _worker(process_id: int, num_processes: int, port: int) -> None:
     )
     from jaxsync.train import TrainConfig, train_and_evaluate
 
-    for strategy in STRATEGIES:
-        summary = train_and_evaluate(make(TrainConfig, strategy=strategy, **RUN))
-        print("RESULT " + json.dumps(summary), flush=True)
+    for method, fields in METHODS.items():
+        summary = train_and_evaluate(make(TrainConfig, **fields, **RUN))
+        print("RESULT " + json.dumps({"method": method, **summary}), flush=True)
 
 
 def _spawn(args, m: int, **kw) -> subprocess.Popen:
@@ -111,20 +122,23 @@ def two_process_results():
     for rc, stdout, stderr in _finish(procs):
         assert rc == 0, stderr[-3000:]
         lines = [json.loads(x[7:]) for x in stdout.splitlines() if x.startswith("RESULT ")]
-        results.append({r["strategy"]: r for r in lines})
+        results.append({r["method"]: r for r in lines})
     return results
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_two_processes_match_one_process(two_process_results, strategy):
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_match_one_process(two_process_results, method):
     from jaxsync.train import TrainConfig, train_and_evaluate
 
-    ref = train_and_evaluate(make(TrainConfig, strategy=strategy, **RUN))  # 4 of this process's 8
+    ref = train_and_evaluate(make(TrainConfig, **METHODS[method], **RUN))  # 4 of this process's 8
+    keys = ["param_checksum", "final_loss", "eval_loss"]
+    if "consensus_distance" in ref:  # per-device parameters (DiLoCo, EASGD, gossip)
+        keys.append("consensus_distance")
     for got in two_process_results:  # every process holds the same replicated parameters
-        assert got[strategy]["num_devices"] == 4
-        for key in ("param_checksum", "final_loss", "eval_loss"):
+        assert got[method]["num_devices"] == 4
+        for key in keys:
             # Only the summation order of the gradient differs (gloo across processes).
-            assert got[strategy][key] == pytest.approx(ref[key], rel=1e-6), key
+            assert got[method][key] == pytest.approx(ref[key], rel=1e-6), key
 
 
 def test_launcher_runs_experiment_and_only_process_0_writes(tmp_path):
