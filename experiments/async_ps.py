@@ -13,6 +13,13 @@ Real threads, 4 workers on 4 emulated CPU devices, one of them 4x slower, FIFO l
   python experiments/async_ps.py --mode=threads --num_workers=4 --straggler_fraction=0.25 \
       --straggler_slowdown=4 --lock=fifo --steps=200
 
+DC-ASGD-a (adaptive λ_t, Zheng et al. 2017) at τ = 16, and asynchronous EASGD (Zhang et al.
+2015) on 4 worker threads, an elastic exchange every 4 local steps (--steps: local steps in all):
+
+  python experiments/async_ps.py --staleness=16 --dc_lambda=1 --dc_adaptive
+  python experiments/async_ps.py --mode=threads --num_workers=4 --elastic_alpha=0.2 \
+      --elastic_period=4 --steps=400
+
 Checkpointed every 50 updates into a run folder; run the same line again after a crash (even
 SIGKILL) to resume from the latest checkpoint, bit for bit (emulated mode only; threads mode rejects
 the checkpoint flags, since thread scheduling is not reproducible):
@@ -42,6 +49,12 @@ ASYNC = {  # AsyncConfig field -> help; each default is AsyncConfig's
     "staleness_aware_lr": "Divide each gradient's learning rate by max(τ, 1) (Zhang et al. 2016).",
     "dc_lambda": "DC-ASGD (Zheng et al. 2017): compensate each stale gradient, "
     "g + λ·g⊙g⊙(w_now − w_stale); λ >= 0, 0: off.",
+    "dc_adaptive": "DC-ASGD-a: element-wise λ_t = λ/sqrt(MeanSquare(t) + ε), MeanSquare the "
+    "moving average of g⊙g (needs --dc_lambda > 0 as λ₀).",
+    "dc_momentum": "DC-ASGD-a's mean-square decay m, in [0, 1).",
+    "elastic_alpha": "Asynchronous EASGD (Zhang et al. 2015, Algorithm 2; --mode=threads): "
+    "moving rate α in (0, 1) of each worker's elastic exchange with the center; 0: off.",
+    "elastic_period": "Asynchronous EASGD's τ: local steps of a worker between exchanges (>= 1).",
     "timeout_s": "Bound on every wait and on a threads run, seconds (> 0).",
     "fail_worker": "Threads mode demo: make this worker raise after 2 pushes (-1: none).",
 }

@@ -4,10 +4,14 @@
   and the staleness-aware rate η/τ as an optax wrapper (``staleness_aware``).
 - :mod:`.emulate`: a jitted ``lax.scan`` replaying a schedule with a ring buffer of versions.
 - :mod:`.lock`: the lock service (request → grant by policy → use → release), ``fifo`` | ``none``.
-- :mod:`.server`: the parameter server and worker threads, one device each.
+- :mod:`.server`: the parameter server and worker threads, one device each; DC-ASGD (constant
+  λ and DC-ASGD-a's adaptive λ_t) in both the emulator and the server.
+- :mod:`.easgd`: asynchronous EASGD (Zhang et al. 2015, Algorithm 2) on threads around a center.
+- :mod:`.common`: ``AsyncConfig`` and its validation; :mod:`.threads_run`: the threaded runs' jobs.
 - :mod:`.train`: ``train_async(AsyncConfig)``, the entry point of ``experiments/async_ps.py``.
 """
 
+from jaxsync.async_ps.easgd import CenterServer, ElasticConfig, ElasticRecord, run_elastic
 from jaxsync.async_ps.emulate import Emulator, EmuState, make_emulator
 from jaxsync.async_ps.lock import LOCK_POLICIES, LockService, LockTimeout
 from jaxsync.async_ps.server import ParameterServer, ThreadsConfig, UpdateRecord, run_threads
@@ -26,6 +30,9 @@ from jaxsync.async_ps.staleness import (
 __all__ = [
     "LOCK_POLICIES",
     "STALENESS_MODELS",
+    "CenterServer",
+    "ElasticConfig",
+    "ElasticRecord",
     "EmuState",
     "Emulator",
     "LockService",
@@ -38,6 +45,7 @@ __all__ = [
     "combine_pushes",
     "make_emulator",
     "make_schedule",
+    "run_elastic",
     "run_threads",
     "simulate_workers",
     "staleness_aware",

@@ -32,20 +32,28 @@ from jax import lax
 
 from jaxsync import optim
 from jaxsync.async_ps.staleness import (
+    DC_MOMENTUM,
+    adaptive_lambda,
     apply_staleness_aware,
     combine_pushes,
     delay_compensate,
     staleness_scale,
+    update_mean_square,
 )
 
 
 class EmuState(NamedTuple):
-    """Server state plus the ring buffer of recent parameter versions (leading axis H)."""
+    """Server state plus the ring buffer of recent parameter versions (leading axis H).
+
+    ``mean_square``: DC-ASGD-a's MeanSquare(t), a pytree like ``params``; None (no leaves, so the
+    checkpoint layout of every other run is unchanged) unless the adaptive λ is on.
+    """
 
     step: jax.Array  # server version t (int32)
     params: Any
     opt_state: Any
     history: Any
+    mean_square: Any = None
 
 
 class Emulator(NamedTuple):
@@ -89,6 +97,8 @@ def make_emulator(
     n_push: int = 1,
     staleness_aware: bool = False,
     dc_lambda: float | None = None,
+    dc_adaptive: bool = False,
+    dc_momentum: float = DC_MOMENTUM,
 ) -> Emulator:
     """Build the emulated asynchronous parameter server.
 
@@ -103,12 +113,29 @@ def make_emulator(
         the plain program: computing the term with λ = 0 adds exact zeros but changes XLA's fusion
         of the optimizer (measured with Adam: the last bits differ), so λ = 0 is plain async SGD
         bit for bit by construction.
+      dc_adaptive: DC-ASGD-a: λ becomes λ₀ = ``dc_lambda`` over the root of the mean square of the
+        received gradients, element-wise (:func:`~jaxsync.async_ps.staleness.adaptive_lambda`);
+        the mean square, decayed by ``dc_momentum`` m each update, is part of the scan carry
+        (``EmuState.mean_square``), so checkpoints and replays keep it. No effect when λ₀ is 0.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    adaptive = bool(dc_lambda) and dc_adaptive
 
     def init(params) -> EmuState:
         history = jax.tree.map(lambda p: jnp.broadcast_to(p, (history_size,) + p.shape), params)
-        return EmuState(jnp.zeros((), jnp.int32), params, tx.init(params), history)
+        mean_square = jax.tree.map(jnp.zeros_like, params) if adaptive else None
+        return EmuState(jnp.zeros((), jnp.int32), params, tx.init(params), history, mean_square)
+
+    def compensate(grads, now, stale, mean_square, push_axis):
+        """``(grads, mean_square)``: DC-ASGD's constant λ, or DC-ASGD-a's λ_t from MeanSquare(t)
+        (updated with this update's raw gradients first); unchanged when DC-ASGD is off."""
+        if not dc_lambda:
+            return grads, mean_square
+        if not adaptive:
+            return delay_compensate(grads, now, stale, dc_lambda), mean_square
+        mean_square = update_mean_square(mean_square, grads, dc_momentum, push_axis)
+        lam = adaptive_lambda(dc_lambda, mean_square)
+        return delay_compensate(grads, now, stale, lam), mean_square
 
     def update(state: EmuState, xs):
         batch, taus = xs
@@ -118,22 +145,20 @@ def make_emulator(
             stale = jax.tree.map(lambda h: h[slots[0]], state.history)
             one = jax.tree.map(lambda b: b[0], batch)
             (loss, aux), grads = grad_fn(stale, one)
-            if dc_lambda:
-                grads = delay_compensate(grads, state.params, stale, dc_lambda)
+            grads, mean_square = compensate(grads, state.params, stale, state.mean_square, False)
             grads = jax.tree.map(lambda g: g[None], grads)  # the push axis combine_pushes reads
         else:
             stale = jax.tree.map(lambda h: h[slots], state.history)
             (losses, auxs), grads = jax.vmap(grad_fn)(stale, batch)
             loss, aux = jnp.mean(losses), jax.tree.map(jnp.mean, auxs)
-            if dc_lambda:
-                grads = delay_compensate(grads, state.params, stale, dc_lambda)
+            grads, mean_square = compensate(grads, state.params, stale, state.mean_square, True)
         grads, rate = combine_pushes(grads, staleness_scale(taus, staleness_aware))
         params, opt_state = apply_staleness_aware(tx, grads, state.opt_state, state.params, rate)
         step = state.step + 1
         history = _ring_write(state.history, params, step % history_size)
         metrics = {"loss": loss, **aux, "staleness": jnp.mean(taus.astype(jnp.float32))}
         metrics.update(_guard_counts(opt_state))
-        return EmuState(step, params, opt_state, history), metrics
+        return EmuState(step, params, opt_state, history, mean_square), metrics
 
     def run(state: EmuState, batches, taus):
         return lax.scan(update, state, (batches, taus))

@@ -25,7 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxsync.async_ps.lock import LockService
-from jaxsync.async_ps.staleness import apply_staleness_aware, combine_pushes, delay_compensate
+from jaxsync.async_ps.staleness import (
+    DC_MOMENTUM,
+    adaptive_lambda,
+    apply_staleness_aware,
+    combine_pushes,
+    delay_compensate,
+    update_mean_square,
+)
 from jaxsync.sync.base import apply_optimizer
 
 
@@ -52,6 +59,8 @@ class ThreadsConfig:
     n_push: int = 1
     staleness_aware: bool = False
     dc_lambda: float | None = None  # DC-ASGD λ (Zheng et al. 2017); None or 0: off
+    dc_adaptive: bool = False  # DC-ASGD-a: λ_t = λ / sqrt(MeanSquare(t) + ε), element-wise
+    dc_momentum: float = DC_MOMENTUM  # DC-ASGD-a's m
     slowdown: tuple[float, ...] = ()  # per worker; missing entries are 1 (not slowed)
     timeout_s: float = 60.0  # bound on every wait, and on the whole run
     ssp_bound: int = -1  # Stale Synchronous Parallel bound in clocks; -1: fully asynchronous
@@ -68,31 +77,38 @@ class ThreadsResult(NamedTuple):
 
 
 def _server_update(
-    tx, staleness_aware, dc_lambda, grads_list, stale_list, scales, opt_state, params
+    tx, staleness_aware, dc, grads_list, stale_list, scales, opt_state, params, mean_square
 ):
-    """One server update from k pushed gradients, then the optimizer.
+    """One server update from k pushed gradients, then the optimizer:
+    ``-> (params, opt_state, mean_square)``.
 
-    With ``dc_lambda`` each gradient is first compensated from the parameters its worker pulled
-    (``stale_list``) toward the server's current ones (DC-ASGD, Zheng et al. 2017).
+    With ``dc = (λ, adaptive, m)``, λ > 0, each gradient is first compensated from the parameters
+    its worker pulled (``stale_list``) toward the server's current ones (DC-ASGD, Zheng et al.
+    2017); ``adaptive`` (DC-ASGD-a) first updates MeanSquare(t) with the k raw gradients and uses
+    λ_t = λ / sqrt(MeanSquare(t) + ε) element-wise, as the emulator does
+    (:func:`~jaxsync.async_ps.staleness.update_mean_square`).
 
     Plain: (1/k) Σ_j g_j. Under η/τ (Zhang et al. 2016) the rate of push j is η · s_j with
     s_j = 1/max(τ_j, 1): :func:`~jaxsync.async_ps.staleness.combine_pushes` gives the gradient and
     the factor that scales the optimizer's step (not the gradient, which Adam would normalise).
     """
-    if dc_lambda:  # None or 0: the plain update (see make_emulator's dc_lambda)
+    lam, adaptive, momentum = dc
+    if lam:  # None or 0: the plain update (see make_emulator's dc_lambda)
+        if adaptive:
+            mean_square = update_mean_square(mean_square, grads_list, momentum)
+            lam = adaptive_lambda(lam, mean_square)
         grads_list = [
-            delay_compensate(g, params, w, dc_lambda)
-            for g, w in zip(grads_list, stale_list, strict=True)
+            delay_compensate(g, params, w, lam) for g, w in zip(grads_list, stale_list, strict=True)
         ]
     if not staleness_aware:
         if len(grads_list) == 1:
             grads = grads_list[0]
         else:
             grads = jax.tree.map(lambda *g: sum(g) / len(g), *grads_list)
-        return apply_optimizer(tx, grads, opt_state, params)
+        return (*apply_optimizer(tx, grads, opt_state, params), mean_square)
     stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads_list)
     grads, rate = combine_pushes(stacked, scales)
-    return apply_staleness_aware(tx, grads, opt_state, params, rate)
+    return (*apply_staleness_aware(tx, grads, opt_state, params, rate), mean_square)
 
 
 class ParameterServer:
@@ -104,7 +120,16 @@ class ParameterServer:
     """
 
     def __init__(
-        self, params, tx, device, lock: LockService, n_push=1, staleness_aware=False, dc_lambda=None
+        self,
+        params,
+        tx,
+        device,
+        lock: LockService,
+        n_push=1,
+        staleness_aware=False,
+        dc_lambda=None,
+        dc_adaptive=False,
+        dc_momentum=DC_MOMENTUM,
     ):
         self.device = device
         self.lock = lock
@@ -115,7 +140,11 @@ class ParameterServer:
         self._opt_state = jax.device_put(tx.init(params), device)
         self._pending: list = []
         self.dc_lambda = dc_lambda
-        self._update = jax.jit(functools.partial(_server_update, tx, staleness_aware, dc_lambda))
+        adaptive = bool(dc_lambda) and dc_adaptive
+        # DC-ASGD-a's MeanSquare(t), on the server beside the optimizer state (None: off).
+        self.mean_square = jax.tree.map(jnp.zeros_like, params) if adaptive else None
+        dc = (dc_lambda, adaptive, dc_momentum)
+        self._update = jax.jit(functools.partial(_server_update, tx, staleness_aware, dc))
         self._t0 = time.perf_counter()
         self.log: list[UpdateRecord] = []
 
@@ -125,7 +154,9 @@ class ParameterServer:
         grads = [jax.device_put(grads, self.device)] * self.n_push
         scales = jnp.ones((self.n_push,), jnp.float32)
         stale = [params] * self.n_push
-        jax.block_until_ready(self._update(grads, stale, scales, self._opt_state, params))
+        jax.block_until_ready(
+            self._update(grads, stale, scales, self._opt_state, params, self.mean_square)
+        )
         self._t0 = time.perf_counter()
 
     def pull(self):
@@ -154,12 +185,13 @@ class ParameterServer:
             )
             if len(self._pending) == self.n_push:
                 pending, self._pending = self._pending, []
-                new_params, self._opt_state = self._update(
+                new_params, self._opt_state, self.mean_square = self._update(
                     [g for g, _, _ in pending],
                     [w for _, _, w in pending],
                     jnp.asarray([s for _, s, _ in pending], jnp.float32),
                     self._opt_state,
                     params,
+                    self.mean_square,
                 )
                 self._snapshot = (jax.block_until_ready(new_params), version + 1)
             record = UpdateRecord(
@@ -266,7 +298,15 @@ def run_threads(
     """
     lock = LockService(cfg.lock, cfg.timeout_s)
     server = ParameterServer(
-        params, tx, devices[0], lock, cfg.n_push, cfg.staleness_aware, cfg.dc_lambda
+        params,
+        tx,
+        devices[0],
+        lock,
+        cfg.n_push,
+        cfg.staleness_aware,
+        cfg.dc_lambda,
+        cfg.dc_adaptive,
+        cfg.dc_momentum,
     )
     grad_fns = [jax.jit(jax.value_and_grad(loss_fn, has_aux=True)) for _ in range(cfg.num_workers)]
     sample = get_batch(0)
@@ -276,33 +316,46 @@ def run_threads(
             fn(jax.device_put(params, dev), jax.device_put(sample, dev))
         )
     server.warm_up(jax.tree.map(jnp.zeros_like, grads))
-    counter, stop, failures = _BatchCounter(cfg.total_pushes), threading.Event(), {}
+    counter, ssp = _BatchCounter(cfg.total_pushes), SSPClock(cfg.num_workers, cfg.ssp_bound)
 
-    ssp = SSPClock(cfg.num_workers, cfg.ssp_bound)
+    def work(wid, stop):
+        _worker_loop(wid, cfg, server, grad_fns[wid], devices[wid], get_batch, counter, stop, ssp)
+
+    failures, wall_s = run_workers(cfg.num_workers, work, cfg.timeout_s, on_exit=ssp.retire)
+    params, version = server.pull()
+    return ThreadsResult(params, version, list(server.log), failures, wall_s)
+
+
+def run_workers(num_workers: int, work: Callable, timeout_s: float, on_exit=None):
+    """Run ``work(wid, stop)`` on ``num_workers`` daemon threads, within ``timeout_s`` in all.
+
+    A worker that raises is recorded and the others carry on; one still running at the deadline
+    is reported as timed out and every worker is asked (``stop.set()``) to stop after its current
+    step. ``on_exit(wid)`` runs when a worker ends, however it ends.
+    Returns ``({worker: reason}, wall_s)``.
+    """
+    stop, failures = threading.Event(), {}
 
     def guarded(wid):
         try:
-            _worker_loop(
-                wid, cfg, server, grad_fns[wid], devices[wid], get_batch, counter, stop, ssp
-            )
+            work(wid, stop)
         except Exception as e:  # noqa: BLE001 — a worker's failure is data, not a crash
             failures[wid] = f"{type(e).__name__}: {e}"
         finally:
-            ssp.retire(wid)
+            if on_exit is not None:
+                on_exit(wid)
 
     threads = [
         threading.Thread(target=guarded, args=(w,), name=f"async-worker-{w}", daemon=True)
-        for w in range(cfg.num_workers)
+        for w in range(num_workers)
     ]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
-    deadline = t0 + cfg.timeout_s
+    deadline = t0 + timeout_s
     for wid, t in enumerate(threads):
         t.join(max(0.0, deadline - time.perf_counter()))
         if t.is_alive():
             stop.set()  # ask every worker to stop after its current push
-            failures.setdefault(wid, f"timed out: still running after {cfg.timeout_s:.1f}s")
-    wall_s = time.perf_counter() - t0
-    params, version = server.pull()
-    return ThreadsResult(params, version, list(server.log), dict(sorted(failures.items())), wall_s)
+            failures.setdefault(wid, f"timed out: still running after {timeout_s:.1f}s")
+    return dict(sorted(failures.items())), time.perf_counter() - t0

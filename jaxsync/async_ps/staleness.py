@@ -239,12 +239,50 @@ def apply_staleness_aware(tx, grads, opt_state, params, rate_scale):
     return optax.apply_updates(params, updates), opt_state
 
 
-def delay_compensate(grads, params_now, params_stale, lam: float):
+def delay_compensate(grads, params_now, params_stale, lam):
     """DC-ASGD (Zheng et al. 2017, "Asynchronous Stochastic Gradient Descent with Delay
     Compensation", constant-λ form): g + λ·g⊙g⊙(w_now − w_stale), the first-order Taylor correction
     of a gradient computed at w_stale toward w_now, with g⊙g standing in for the Hessian's diagonal.
 
     ``grads`` and ``params_stale`` may carry a leading push axis (k pushes); ``params_now`` is the
-    server's current parameters, broadcast against it. λ = 0 adds exact zeros.
+    server's current parameters, broadcast against it. ``lam`` is a number, or a pytree like
+    ``params_now`` (DC-ASGD-a's element-wise λ_t, :func:`adaptive_lambda`). λ = 0 adds exact zeros.
     """
+    if not isinstance(lam, (int, float)):
+        return jax.tree.map(
+            lambda g, w, s, lt: g + lt * g * g * (w - s), grads, params_now, params_stale, lam
+        )
     return jax.tree.map(lambda g, w, s: g + lam * g * g * (w - s), grads, params_now, params_stale)
+
+
+# DC-ASGD-a (Zheng et al. 2017, ICML, the adaptive variant of the algorithm section): λ_t =
+# λ₀ / sqrt(MeanSquare(t)), MeanSquare(t) = m·MeanSquare(t−1) + (1 − m)·g_t⊙g_t, the RMSProp-style
+# moving average of the squared gradients the server receives (MeanSquare(0) = 0), m = 0.95 in the
+# paper. The ε inside the root only keeps λ_t finite where an entry's gradient has always been 0
+# (1e-7, as in public DC-ASGD-a implementations); it is not a tuned hyperparameter.
+DC_MOMENTUM, DC_EPSILON = 0.95, 1e-7
+
+
+def update_mean_square(mean_square, grads, momentum: float, push_axis: bool = False):
+    """MeanSquare(t) = m·MeanSquare(t−1) + (1 − m)·g_t⊙g_t (element-wise, per parameter).
+
+    ``g_t`` is the gradient the server received, before compensation (DC-ASGD-a). With k pushes
+    in one update (``push_axis``: a leading axis k, or a list of k trees) the update is made once
+    with the pushes' mean of g⊙g, so k = 1 is the paper's rule exactly.
+    """
+    if isinstance(grads, list):
+        squares = jax.tree.map(lambda *g: sum(x * x for x in g) / len(g), *grads)
+    elif push_axis:
+        squares = jax.tree.map(lambda g: jnp.mean(g * g, axis=0), grads)
+    else:
+        squares = jax.tree.map(lambda g: g * g, grads)
+    new = jax.tree.map(lambda v, s: momentum * v + (1 - momentum) * s, mean_square, squares)
+    # A non-finite gradient (an update the non-finite guard skips) leaves the mean square as it
+    # was, or one NaN push would poison every later λ_t.
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in jax.tree.leaves(squares)]))
+    return jax.tree.map(lambda n, v: jnp.where(finite, n, v), new, mean_square)
+
+
+def adaptive_lambda(lam0: float, mean_square):
+    """DC-ASGD-a's element-wise λ_t = λ₀ / sqrt(MeanSquare(t) + ε), a pytree like the parameters."""
+    return jax.tree.map(lambda v: lam0 / jnp.sqrt(v + DC_EPSILON), mean_square)
