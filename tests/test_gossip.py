@@ -69,6 +69,8 @@ def test_one_round_is_w_times_x(topology, n):
     got = _per_device(lambda v: gossip.gossip_mean(v, "data", r), n)(x)
     np.testing.assert_allclose(got, np.einsum("ij,j...->i...", w, x), rtol=1e-5, atol=1e-6)
     assert gossip.bytes_per_round(topology, n, 4) == [4 * (np.count_nonzero(w) - n)]
+    want_sends = {"ring": 2, "torus": 3, "exponential": 3}[topology]  # 2 x 3 torus: up = down
+    assert gossip.sends_per_round(topology, n) == [want_sends]
 
 
 def test_time_varying_cycle_averages_exactly_and_rounds_follow_the_period():

@@ -163,6 +163,15 @@ def bytes_per_round(name: str, n: int, param_bytes: int) -> list[int]:
     ]
 
 
+def sends_per_round(name: str, n: int) -> list[int]:
+    """Messages the busiest device sends in each round of the topology's cycle (device j sends
+    x_j to every i with W_ij > 0, i ≠ j)."""
+    return [
+        int(np.max(np.count_nonzero(w - np.diag(np.diag(w)), axis=0)))
+        for w in mixing_matrices(name, n)
+    ]
+
+
 def gossip_mean(x, axis_name, r: Round):
     """``Σ_j W_ij x_j`` on device i, for one round ``r``, by ``lax.ppermute``."""
     i = lax.axis_index(axis_name)
