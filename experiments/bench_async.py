@@ -5,11 +5,13 @@
 
 Same model, data and batches for every run (2-layer MLP, width 32, teacher task, SGD, batch 64):
 1. sync SGD (``single`` strategy) and emulated async with fixed staleness τ ∈ {0, 1, 4, 16},
-   with a fixed learning rate and with the staleness-aware rate η/τ (Zhang et al. 2016);
+   with a fixed learning rate and with the staleness-aware rate η/τ (Zhang et al. 2016), and
+   DC-ASGD (constant λ) and DC-ASGD-a (adaptive λ_t, Zheng et al. 2017) at τ ∈ {4, 16};
 2. 8 simulated workers with transient stragglers (each gradient 4× slower with probability 1/8):
    BSP (= SSP with s = 0), SSP s ∈ {1, 4} (Ho et al. 2013) and fully async, against updates and
    simulated time;
-3. real threads (1 vs 4 workers, ``fifo`` vs ``none`` lock, a 4× straggler, SSP s = 1): measured
+3. real threads (1 vs 4 workers, ``fifo`` vs ``none`` lock, a 4× straggler, SSP s = 1, and
+   asynchronous EASGD at τ ∈ {1, 4}, fifo and lock-free, Zhang et al. 2015): measured
    staleness, pushes/s, lost updates.
 Prints markdown tables and writes ``<out>/bench_async.json`` and ``<out>/bench_async.png``.
 """
