@@ -117,6 +117,8 @@ class ParameterServer:
     ``pull`` reads an immutable ``(params, version)`` snapshot, so it never blocks. ``push`` runs
     the optimizer inside a lock grant; under ``none`` two pushes can read the same snapshot and the
     later write wins, which shows up as fewer versions than applied updates (lost updates).
+    DC-ASGD-a's ``mean_square`` is read and written in the same grant, so under ``none`` its
+    updates can be lost the same way.
     """
 
     def __init__(
