@@ -60,6 +60,15 @@ BAD = {
     "data_dir": (dict(dataset="mnist"), "--data_dir"),
     "frontend": (dict(frontend="xmap"), "unknown frontend"),
     "check_replicas": (dict(check_replicas=-1), "--check_replicas must be >= 0"),
+    # The sync methods' bad values (issue #16): H < 1, α outside (0, 1), rank < 1, a topology
+    # that needs more devices.
+    "local_steps": (dict(local_steps=-1), "--local_steps must be >= 0"),
+    "elastic_alpha": (dict(local_steps=2, elastic_alpha=1.5), "--elastic_alpha must be in (0, 1)"),
+    "powersgd_rank": (dict(powersgd_rank=-2), "--powersgd_rank must be >= 1"),
+    "gossip_devices": (
+        dict(gossip_topology="torus", num_devices=5, batch_size=250),
+        "--gossip_topology=torus needs a device count with two factors",
+    ),
 }
 
 
