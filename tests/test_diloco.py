@@ -155,7 +155,8 @@ def test_quantized_outer_gradients_error_bounded():
         assert np.all(np.isfinite(q)), fmt
         assert np.abs(q - x).max() <= bound * np.abs(x).max() * 1.001, fmt
     assert [diloco.bytes_per_element(f) for f in diloco.QUANTIZE] == [4, 2, 1, 0.5]
-    assert diloco.message_bytes([10, 6], "e2m1") == 8 + 2 * 4  # 16 half-bytes + two scales
+    assert diloco.message_bytes([10, 6], "e2m1") == 8 + 2 * 4  # 16 half-bytes, two scales
+    assert diloco.scale_bytes("bf16") == 0
     mean = sync.get("psum").mean_fn("data")
     inner, outer = optax.sgd(0.1), outer_optimizer("nesterov")
     theta0, x = distinct_params()

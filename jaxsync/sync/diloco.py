@@ -122,11 +122,17 @@ def bytes_per_element(quantize: str) -> float:
     return _BITS[quantize] / 8
 
 
+def scale_bytes(quantize: str) -> int:
+    """Bytes of the per-tensor scale a message in format ``quantize`` carries (4: one float32 for
+    e4m3 and e2m1; 0 for none and bf16)."""
+    check_quantize(quantize)
+    return 4 if quantize in _SCALED else 0
+
+
 def message_bytes(sizes, quantize: str) -> float:
     """Bytes of one device's outer-gradient message for tensors of ``sizes`` elements: the
-    elements at the format's width, plus one float32 scale per tensor for the scaled formats."""
-    scales = 4 * len(sizes) if quantize in _SCALED else 0
-    return bytes_per_element(quantize) * sum(sizes) + scales
+    elements at the format's width, plus each tensor's scale (:func:`scale_bytes`)."""
+    return bytes_per_element(quantize) * sum(sizes) + scale_bytes(quantize) * len(sizes)
 
 
 def quantize_tensor(x, quantize: str):
