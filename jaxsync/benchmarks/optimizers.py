@@ -114,28 +114,68 @@ def _train(cfg):
 
 
 EASGD_ALPHA = 0.1  # the moving rate of the EASGD rows (β = N·α = 0.8 at N = 8)
+STREAMING_FRAGMENTS = 4  # Streaming DiLoCo's P (rows at each H >= P)
+STREAMING_QUANTIZE = "e2m1"  # its quantised row (the paper's 4-bit setting), at the largest H
+
+
+def _fragment_bytes(s, fragments: int, quantize: str) -> list[float]:
+    """Counted bytes all devices send for each fragment's outer-gradient all-reduce on the ring:
+    its arrays' padded buckets at the format's width, plus one float32 scale per array for the
+    scaled formats (:func:`jaxsync.sync.diloco.scale_bytes`)."""
+    import jax
+
+    from jaxsync import collectives
+    from jaxsync.sync import allreduce_bytes, diloco
+
+    n = s.num_devices
+    leaves = jax.tree.leaves(_params(_base(s)))
+    out = []
+    for ks in diloco.fragment_leaves(len(leaves), fragments):
+        buckets, _ = collectives.flatten_to_buckets(
+            [leaves[k] for k in ks], collectives.DEFAULT_BUCKET_BYTES, 2 * n
+        )
+        lengths = [b.shape[0] for b in buckets]
+        elements = diloco.bytes_per_element(quantize) * sum(lengths)
+        out.append(allreduce_bytes(n, elements + diloco.scale_bytes(quantize) * len(ks)))
+    return out
 
 
 def local_sgd_rows(s):
-    """Synchronous SGD, and local SGD, DiLoCo (Nesterov outer step, lr 0.7, momentum 0.9) and
-    EASGD with each H (= τ): bytes per step and final losses. The losses are of the workers'
-    mean."""
+    """Synchronous SGD, and local SGD, DiLoCo (Nesterov outer step, lr 0.7, momentum 0.9),
+    Streaming DiLoCo (the same, P = 4 strided fragments at staggered offsets; one row with 4-bit
+    e2m1 outer gradients) and EASGD with each H (= τ): bytes per step on average and on the
+    busiest step (counted), and final losses. The losses are of the workers' mean."""
     from jaxsync.sync import allreduce_bytes
 
     n = s.num_devices
     param_bytes = 4 * sum(_param_lengths(_base(s), 2 * n))
+    hs = sorted({int(v) for v in s.local_steps})
+    p = STREAMING_FRAGMENTS
     rows = []
-    for h in [0] + sorted({int(v) for v in s.local_steps}):
-        sent = allreduce_bytes(n, param_bytes) / max(h, 1)  # gradients (h=0) or parameters
-        methods = (
-            ("local SGD", {}),
-            ("DiLoCo", {"outer_optimizer": "nesterov"}),
-            (f"EASGD α={EASGD_ALPHA:g}", {"elastic_alpha": EASGD_ALPHA}),
-        )
-        for method, extra in methods if h else methods[:1]:
+    for h in [0] + hs:
+        full = allreduce_bytes(n, param_bytes)  # gradients (h=0) or parameters, all at once
+        nesterov = {"outer_optimizer": "nesterov"}
+        methods = [
+            ("local SGD", {}, None),
+            ("DiLoCo", nesterov, None),
+            (f"EASGD α={EASGD_ALPHA:g}", {"elastic_alpha": EASGD_ALPHA}, None),
+        ]
+        if h >= p:
+            methods.insert(
+                2, (f"Streaming DiLoCo P={p}", {**nesterov, "diloco_fragments": p}, "none")
+            )
+        if h >= p and h == hs[-1]:
+            q = STREAMING_QUANTIZE
+            extra = {**nesterov, "diloco_fragments": p, "outer_quantize": q}
+            methods.insert(3, (f"Streaming DiLoCo P={p} {q}", extra, q))
+        for method, extra, quantize in methods if h else methods[:1]:
             cfg = _base(s, strategy="ring", local_steps=h, **extra)
-            name = "sync SGD" if h == 0 else method
-            rows.append({"method": name, "H": h or "–", "bytes_per_step": sent, **_train(cfg)})
+            sent, peak = full / max(h, 1), full
+            if quantize is not None:
+                fragments = _fragment_bytes(s, p, quantize)
+                sent, peak = sum(fragments) / h, max(fragments)
+            row = {"method": "sync SGD" if h == 0 else method, "H": h or "–"}
+            rows.append({**row, "bytes_per_step": sent, "peak_bytes": peak, **_train(cfg)})
     for r in rows:
         r["bytes_vs_sync"] = r["bytes_per_step"] / rows[0]["bytes_per_step"]
     return rows
@@ -239,6 +279,7 @@ LOCAL_SGD_COLUMNS = (
     ("H", "H"),
     ("bytes/step (counted)", "bytes_per_step"),
     ("bytes vs sync (counted)", "bytes_vs_sync"),
+    ("peak bytes/sync step (counted)", "peak_bytes"),
     ("final loss", "final_loss"),
     ("eval loss", "eval_loss"),
 )
