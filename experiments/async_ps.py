@@ -20,6 +20,11 @@ DC-ASGD-a (adaptive λ_t, Zheng et al. 2017) at τ = 16, and asynchronous EASGD 
   python experiments/async_ps.py --mode=threads --num_workers=4 --elastic_alpha=0.2 \
       --elastic_period=4 --steps=400
 
+The schedule of a described cluster (jaxsync.cluster): 64 workers on 25 GbE, 5 % of them 2x
+slower, each gradient 100 MB; sim_time in the log is simulated seconds:
+
+  python experiments/async_ps.py --staleness_model=simulated --cluster=ethernet --steps=200
+
 Checkpointed every 50 updates into a run folder; run the same line again after a crash (even
 SIGKILL) to resume from the latest checkpoint, bit for bit (emulated mode only; threads mode rejects
 the checkpoint flags, since thread scheduling is not reproducible):
@@ -39,6 +44,7 @@ from jaxsync import cli
 from jaxsync.async_ps.lock import LOCK_POLICIES
 from jaxsync.async_ps.staleness import STALENESS_MODELS, StalenessConfig
 from jaxsync.async_ps.train import MODES, AsyncConfig
+from jaxsync.cluster.spec import PRESETS, parse_cluster
 from jaxsync.runs import RunConfig
 
 FLAGS = flags.FLAGS
@@ -64,12 +70,16 @@ STALENESS = {  # StalenessConfig field (--staleness_model: model) -> help
     "for --staleness_model=fixed, the upper bound for uniform.",
     "staleness_model": f"Emulated staleness: {' | '.join(STALENESS_MODELS)}. round_robin: "
     "τ ≈ num_workers - 1; stragglers: slow workers; transient: any gradient slow with "
-    "probability --straggler_fraction.",
+    "probability --straggler_fraction; simulated: a described --cluster's compute and links.",
     "straggler_fraction": "Fraction of workers that are slow, in [0, 1].",
     "straggler_slowdown": "How many times slower a straggler is (>= 1).",
     "n_push": "Pushes averaged into one server update (Downpour's n_push, >= 1).",
-    "ssp_bound": "Stale Synchronous Parallel bound (round_robin / stragglers models, threads "
-    "mode): max clocks a worker may run ahead of the slowest (>= 0); -1 = unbounded.",
+    "ssp_bound": "Stale Synchronous Parallel bound (round_robin / stragglers / transient / "
+    "simulated models, threads mode): max clocks a worker may run ahead of the slowest (>= 0); "
+    "-1 = unbounded.",
+    "cluster": "With --staleness_model=simulated: the cluster whose timing makes the schedule, "
+    f"a preset ({' | '.join(PRESETS)}) optionally followed by :field=value,... (e.g. "
+    "ethernet:workers=16,jitter_sigma=0.3); --num_workers defaults to its worker count.",
 }
 RENAMED = {"staleness_model": "model"}
 cli.define_fields(AsyncConfig(), ASYNC)
@@ -89,7 +99,10 @@ def main(argv):
     run = cli.run_config_from_flags()
     if FLAGS.mode == "threads" and not FLAGS["max_nonfinite"].present:
         run = dataclasses.replace(run, max_nonfinite=0)  # the guard's default is emulated-only
-    staleness = StalenessConfig(**cli.fields_from_flags(STALENESS, RENAMED), seed=run.seed)
+    fields = cli.fields_from_flags(STALENESS, RENAMED)
+    if FLAGS.cluster and not FLAGS["num_workers"].present:  # the cluster's workers, by default
+        fields["num_workers"] = parse_cluster(FLAGS.cluster).workers
+    staleness = StalenessConfig(**fields, seed=run.seed)
     cfg = AsyncConfig(
         **cli.fields_from_flags(ASYNC),
         staleness=staleness,

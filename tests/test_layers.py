@@ -89,3 +89,35 @@ def test_sync_backends_do_not_import_strategies_or_loops():
 def test_no_module_over_400_lines():
     long = {m: n for m, p in _modules().items() if (n := len(open(p).readlines())) > MAX_LINES}
     assert not long, f"split these (> {MAX_LINES} lines): {long}"
+
+
+def test_cluster_depends_on_numpy_and_config_error_only():
+    """jaxsync.cluster (the simulated clock) sits beside the sync backends: it imports numpy, the
+    standard library, ``jaxsync.ConfigError`` and itself; nothing in jaxsync.sync imports it."""
+    import sys
+
+    allowed = {"numpy", "jaxsync", "__future__", *sys.stdlib_module_names}
+    for m, path in _modules().items():
+        if not m.startswith("jaxsync.cluster"):
+            continue
+        assert GRAPH[m] <= {"jaxsync"} | {d for d in GRAPH if d.startswith("jaxsync.cluster")}, m
+        tree = ast.parse(open(path).read())
+        roots = {
+            a.name.split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Import)
+            for a in n.names
+        }
+        roots |= {
+            n.module.split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module and n.level == 0
+        }
+        assert roots <= allowed, (m, roots - allowed)
+    assert not [
+        (m, d)
+        for m, deps in GRAPH.items()
+        if m.startswith("jaxsync.sync")
+        for d in deps
+        if d.startswith("jaxsync.cluster")
+    ]

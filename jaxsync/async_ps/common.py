@@ -72,6 +72,8 @@ def identity(config: dict) -> dict:
     DC-ASGD (-a) existed ran without it."""
     out = runs.identity(config, runs.IDENTITY_FIELDS + ASYNC_IDENTITY_FIELDS)
     out.update({k: config.get(k, v) for k, v in LATER_IDENTITY.items()})
+    if isinstance(config.get("staleness"), dict):  # written before --cluster existed: none
+        out.setdefault("staleness.cluster", "")
     return out
 
 
@@ -96,6 +98,10 @@ def validate(cfg: AsyncConfig) -> None:
     if cfg.mode == "emulated" and cfg.staleness.ssp_bound >= 0 and not worker_model:
         raise ConfigError(
             f"--ssp_bound needs --staleness_model in {list(WORKER_MODELS)} (or --mode=threads)"
+        )
+    if cfg.mode == "threads" and cfg.staleness.model == "simulated":
+        raise ConfigError(
+            "--staleness_model=simulated needs --mode=emulated: threads measure their own timing"
         )
     if cfg.mode == "threads":
         n, have = cfg.staleness.num_workers, len(jax.devices())

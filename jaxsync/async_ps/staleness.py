@@ -15,8 +15,14 @@ Models (``STALENESS_MODELS``):
   their gradients are staler (and the fast workers' less stale).
 - ``transient``: every gradient, on any worker, is ``slowdown`` × slower with probability
   ``straggler_fraction`` (seeded): the random delays that SSP is designed to absorb.
+- ``simulated``: the workers of a described cluster (``cluster``, a ``--cluster`` value such as
+  ``ethernet`` or ``wan:stall_prob=0.01``, :mod:`jaxsync.cluster`): each gradient takes its
+  worker's compute (with the cluster's jitter, stragglers and stalls, seeded) plus its pull and
+  push over its link to the server, which receives pushes one at a time in arrival order
+  (:func:`jaxsync.cluster.events.async_schedule`); times in seconds.
 
-The two worker models come from a discrete-event simulation that also yields the simulated time
+The worker models come from a discrete-event simulation (:func:`jaxsync.cluster.events.simulate`,
+the one event loop) that also yields the simulated time
 of every push (one gradient of a normal worker = 1 time unit), and optionally enforces the Stale
 Synchronous Parallel bound (Ho et al. 2013): a worker whose clock (pushes done) is more than
 ``ssp_bound`` ahead of the slowest live worker blocks until the slowest catches up.
@@ -25,7 +31,6 @@ Synchronous Parallel bound (Ho et al. 2013): a worker whose clock (pushes done) 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 from typing import NamedTuple
 
@@ -35,9 +40,12 @@ import numpy as np
 import optax
 
 from jaxsync import ConfigError
+from jaxsync.cluster.events import async_schedule, simulate
+from jaxsync.cluster.spec import PRESETS, Cluster, parse_cluster
 
-STALENESS_MODELS = ("fixed", "uniform", "round_robin", "stragglers", "transient")
-WORKER_MODELS = ("round_robin", "stragglers", "transient")  # simulated workers: SSP applies
+STALENESS_MODELS = ("fixed", "uniform", "round_robin", "stragglers", "transient", "simulated")
+# simulated workers: SSP applies
+WORKER_MODELS = ("round_robin", "stragglers", "transient", "simulated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +53,8 @@ class StalenessConfig:
     """How stale the emulated gradients are.
 
     ``staleness`` is τ for ``fixed`` and the upper bound s for ``uniform``; the worker models derive
-    staleness from ``num_workers``, the straggler settings and ``ssp_bound`` (-1: unbounded).
+    staleness from ``num_workers``, the straggler settings and ``ssp_bound`` (-1: unbounded);
+    ``simulated`` from the cluster ``cluster`` names (``num_workers`` must be its worker count).
     """
 
     model: str = "fixed"
@@ -56,6 +65,7 @@ class StalenessConfig:
     straggler_slowdown: float = 1.0
     ssp_bound: int = -1
     seed: int = 0
+    cluster: str = ""  # a --cluster value (jaxsync.cluster.parse_cluster), for ``simulated``
 
 
 class Schedule(NamedTuple):
@@ -63,7 +73,8 @@ class Schedule(NamedTuple):
 
     taus: np.ndarray  # int32, staleness in server versions
     workers: np.ndarray  # int32, pushing worker
-    times: np.ndarray | None  # float64, simulated time of each push (normal gradient = 1)
+    # float64, simulated time of each push (a normal gradient = 1; seconds for ``simulated``)
+    times: np.ndarray | None
 
 
 def validate_staleness(c: StalenessConfig) -> None:
@@ -84,6 +95,29 @@ def validate_staleness(c: StalenessConfig) -> None:
         raise ConfigError(f"--straggler_slowdown must be >= 1, got {c.straggler_slowdown}")
     if c.ssp_bound < -1:
         raise ConfigError(f"--ssp_bound must be >= 0, or -1 for unbounded; got {c.ssp_bound}")
+    if c.model == "simulated":
+        workers = _cluster(c).workers
+        if c.num_workers != workers:
+            raise ConfigError(
+                f"--num_workers={c.num_workers} but --cluster={c.cluster} has {workers} workers; "
+                f"drop --num_workers or set --cluster={c.cluster.partition(':')[0]}:workers=N"
+            )
+        if c.straggler_fraction or c.straggler_slowdown != 1.0:
+            raise ConfigError(
+                "--straggler_fraction/--straggler_slowdown: with --staleness_model=simulated the "
+                f"cluster's stragglers apply; set --cluster={c.cluster}:straggler_fraction=F,..."
+            )
+    elif c.cluster:
+        raise ConfigError("--cluster needs --staleness_model=simulated")
+
+
+def _cluster(c: StalenessConfig) -> Cluster:
+    if not c.cluster:
+        raise ConfigError(
+            f"--staleness_model=simulated needs --cluster, one of {list(PRESETS)} "
+            "(optionally :field=value,...)"
+        )
+    return parse_cluster(c.cluster)
 
 
 def straggler_ids(num_workers: int, fraction: float) -> list[int]:
@@ -109,17 +143,22 @@ def make_schedule(c: StalenessConfig, num_updates: int) -> Schedule:
     elif c.model == "uniform":
         rng = np.random.default_rng([c.seed, 31])
         taus = np.minimum(rng.integers(0, c.staleness + 1, shape), version)
+    elif c.model == "simulated":
+        workers, taus, times = async_schedule(
+            _cluster(c), num_updates * c.n_push, c.n_push, c.ssp_bound, c.seed
+        )
     elif c.model in WORKER_MODELS:
         workers, taus, times = simulate_workers(
             worker_speeds(c), num_updates * c.n_push, c.n_push, c.ssp_bound, _slow_draw(c)
         )
+    else:  # validate_staleness raised already; kept so a new name cannot fall through
+        raise ConfigError(f"unknown staleness model {c.model!r}")
+    if c.model in WORKER_MODELS:
         return Schedule(
             taus.reshape(shape).astype(np.int32),
             workers.reshape(shape).astype(np.int32),
             times.reshape(shape),
         )
-    else:  # validate_staleness raised already; kept so a new name cannot fall through
-        raise ConfigError(f"unknown staleness model {c.model!r}")
     workers = np.broadcast_to(np.arange(c.n_push)[None, :] % c.num_workers, shape)
     return Schedule(taus.astype(np.int32), workers.astype(np.int32).copy(), None)
 
@@ -139,36 +178,16 @@ def simulate_workers(speeds, num_pushes: int, n_push: int = 1, ssp_bound: int = 
     server's version advances after every ``n_push`` pushes. Ties in arrival time go to the lower
     worker id, so the result is deterministic. With ``ssp_bound >= 0`` a worker more than
     ``ssp_bound`` clocks ahead of the slowest waits before pulling (SSP, Ho et al. 2013).
-    ``slow`` (optional) is called once per gradient for a random slowdown factor.
+    ``slow`` (optional) is called once per gradient for a random slowdown factor. Runs the one
+    event loop, :func:`jaxsync.cluster.events.simulate`, with gradient times ``speeds[i]·slow()``.
 
     Returns:
       ``(workers, taus, times)``: per push, the pushing worker, its staleness (server version at
       apply − version pulled) and its arrival time.
     """
-    n = len(speeds)
-    clocks = np.zeros(n, np.int64)
     slow = slow or (lambda: 1.0)
-    events = [(float(speeds[i]) * slow(), i, 0) for i in range(n)]  # (arrival, worker, pulled)
-    heapq.heapify(events)
-    blocked: list[int] = []
-    out_w, out_tau, out_t = [], [], []
-    for push in range(num_pushes):
-        t, i, pulled = heapq.heappop(events)
-        version = push // n_push
-        out_w.append(i)
-        out_tau.append(version - pulled)
-        out_t.append(t)
-        clocks[i] += 1
-        new_version = (push + 1) // n_push
-        blocked.append(i)
-        still = []
-        for j in sorted(blocked):  # release every worker the SSP bound now allows to run
-            if ssp_bound < 0 or clocks[j] - clocks.min() <= ssp_bound:
-                heapq.heappush(events, (t + float(speeds[j]) * slow(), j, new_version))
-            else:
-                still.append(j)
-        blocked = still
-    return np.asarray(out_w), np.asarray(out_tau), np.asarray(out_t, np.float64)
+    duration = lambda i, _: float(speeds[i]) * slow()
+    return simulate(len(speeds), num_pushes, duration, n_push, ssp_bound)
 
 
 def staleness_histogram(taus) -> dict[int, int]:
