@@ -146,6 +146,25 @@ def test_streaming_syncs_each_strided_fragment_at_its_offset():
     assert spread["c"][1] == 0 < min(spread["a"][:3])  # ... c after step 2, a only after step 4
 
 
+def test_no_collective_outside_the_fragment_branches():
+    """Each fragment's all-reduce lives in its own branch of the switch, none in the step's entry
+    computation: a step on which no fragment syncs moves no bytes, a sync step one fragment's."""
+    mesh = jax.sharding.Mesh(jax.devices()[:N], ("data",))
+    s = diloco.diloco(optax.sgd(0.1), optax.sgd(1.0), sync.get("psum").mean_fn("data"), 4, 4)
+    theta0, x = distinct_params()
+
+    def body(xb):
+        params = jax.tree.map(lambda v: v[0], xb)
+        return jax.tree.map(lambda v: v[None], s.update(params, s.init(theta0), params)[0])
+
+    fn = jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False)
+    hlo = jax.jit(fn).lower(x).compile().as_text()
+    computations = hlo.split("\n\n")
+    entry = [c for c in computations if c.startswith("ENTRY")]
+    assert len(entry) == 1 and "all-reduce(" not in entry[0] and "conditional(" in entry[0]
+    assert sum("all-reduce(" in c for c in computations) == 4  # one per fragment's branch
+
+
 def test_quantized_outer_gradients_error_bounded():
     """Every format keeps each tensor's error within its rounding bound relative to max|x|, never
     overflows (per-tensor scales), and bf16 messages move training only by rounding."""

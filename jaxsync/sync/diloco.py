@@ -39,17 +39,17 @@ Towards a Distributed Free Lunch", arXiv 2501.18512), two of its three ideas:
   ConfigError at ``init``, the first place the parameters are seen.
 - *Quantised outer gradients* (``quantize``, :data:`QUANTIZE`). Each device rounds its own
   Δ_i,p = θ_p − θ_i,p to ``bf16``, ``e4m3`` (float8_e4m3fn, max 448) or ``e2m1`` (float4_e2m1fn,
-  max 6; the paper's low-bit setting is 4 bits, its format E3M0, which JAX has no dtype for)
-  before the all-reduce; the two small formats divide by a per-tensor scale max|Δ_i,p| / max
-  first, so nothing overflows (bf16 has float32's range and needs none). The mean is taken in
-  float32 on the dequantised values, as the paper accumulates in float32. Emulated honestly:
-  the all-reduce still moves float32 (the *values* are quantised, and the bytes are *counted*
-  at the format's width plus one float32 scale per tensor, :func:`message_bytes`); a real
-  implementation would gather the low-bit messages and sum them in float32.
+  max 6, the 4-bit float JAX has; the paper sends 4-bit floats, E3M0 as we read it, which has no
+  JAX dtype) before the all-reduce; the two small formats divide by a per-tensor scale
+  max|Δ_i,p| / max first, so nothing overflows (bf16 has float32's range and needs none). The mean
+  is taken in float32 on the dequantised values, as the paper accumulates in float32. Emulated
+  honestly: the all-reduce still moves float32 (the *values* are quantised, and the bytes are
+  *counted* at the format's width plus one float32 scale per tensor, :func:`message_bytes`); a
+  real implementation would gather the low-bit messages and sum them in float32.
 
 Not implemented: the paper's third idea, overlapping a fragment's communication with the next
 τ inner steps and then mixing the late outer value into the local copy (θ_i,p ← α·θ_i,p +
-(1 − α)·θ_p, α = 0.5 in the paper); here a fragment's all-reduce blocks the step it runs in
+(1 − α)·θ_p, the paper's mixing factor α); here a fragment's all-reduce blocks the step it runs in
 (τ = 0, α = 0). Under XLA's SPMD program a collective cannot straddle steps anyway, so τ would
 only delay the outer value by τ steps, with no wall-clock overlap to measure.
 """
