@@ -31,7 +31,8 @@ Gropp 2005, "Optimization of Collective Communication Operations in MPICH", IJHP
   peer per round as :mod:`jaxsync.sync.ps` does: its link carries (N−1)·S in and out, the
   bottleneck: 2(N−1)(α + S/β) flat; 2[(d−1)(α_intra + S/β_intra) + (N−d)(α_inter + S/β_inter)].
 - ``reduce_scatter`` / ``all_gather`` (ZeRO's pair, S the full buffer): each is one half of the
-  ring or of the hierarchical all-reduce, whichever is faster.
+  ring or of the hierarchical all-reduce, whichever is faster: (N−1)(α + S/(Nβ)) flat. Sparse
+  (top-k) messages are all-gathered: S = N × each device's (values, indices) bytes.
 - ``gossip``: per round of the topology's mixing matrices W (``mixing``, from
   :func:`jaxsync.sync.gossip.mixing_matrices`), device j sends its S bytes of parameters to every
   i with W_ij > 0; the round costs the busiest device's sends × (α + S/β) on the links they use
