@@ -3,9 +3,11 @@ communicated bytes for local SGD and compressed gradients.
 
 1. Per-device bytes of parameters and optimizer state (Adam), replicated (``psum``) vs sharded
    (``--shard_optimizer``, ZeRO-1/2) for N in --devices, read from the arrays' addressable shards.
-2. Local SGD, DiLoCo (Nesterov outer step, lr 0.7, momentum 0.9) and EASGD (α = 0.1), ``ring``,
-   SGD inside, with H = τ in --local_steps against synchronous SGD: bytes sent per step
-   (all devices, 2(N−1)·S per parameter average / H) and the loss after --steps steps.
+2. Local SGD, DiLoCo (Nesterov outer step, lr 0.7, momentum 0.9), Streaming DiLoCo (P = 4
+   strided fragments at staggered offsets; one row with e2m1 outer gradients) and EASGD
+   (α = 0.1), ``ring``, SGD inside, with H = τ in --local_steps against synchronous SGD: bytes
+   sent per step (all devices, 2(N−1)·S per parameter average / H), the peak bytes of one sync
+   step, and the loss after --steps steps.
 3. Gradient compression on every backend of jaxsync.sync.BACKENDS that carries compressed
    messages (ring and ps; none | bf16 | top-k with error feedback), and PowerSGD at ranks 1 and 4
    on the ring: bytes sent per step and the loss after --steps steps, against uncompressed.
@@ -64,7 +66,9 @@ def main(argv):
     steps = results["config"]["steps"]
     print("## Per-device memory, Adam (bytes, read from the arrays' device shards)\n")
     print(bench.table(results["memory"], bench.MEMORY_COLUMNS))
-    print(f"\n## Local SGD, DiLoCo and EASGD, ring, N={_N.value}, {steps} steps\n")
+    print(
+        f"\n## Local SGD, DiLoCo, Streaming DiLoCo and EASGD, ring, N={_N.value}, {steps} steps\n"
+    )
     print(bench.table(results["local_sgd"], bench.LOCAL_SGD_COLUMNS))
     print(f"\n## Gradient compression, N={_N.value}, {steps} steps\n")
     print(bench.table(results["compression"], bench.COMPRESSION_COLUMNS))

@@ -308,3 +308,42 @@ def test_lsr_table_mean_and_standard_error_at_test_set_resolution():
     # no scaling: errors 5, 4, 10 % -> 6.3 ± 1.9 at one decimal; warmup: 10 % on every seed.
     assert "| 128 | 33 | 0.04 | 10.0 ± 0.0 | – | 6.3 ± 1.9 (1 diverged) |" in table
     assert "(3 seeds)" in table.splitlines()[0]
+
+
+def test_methods_claims_compare_each_method_with_its_comparator():
+    """The claims table's verdicts follow the numbers (eval loss within 5% of the comparator),
+    and DC-ASGD's share of the async-to-sync gap is (async − DC) / (async − sync)."""
+    from jaxsync.benchmarks import claims as benchclaims
+    from jaxsync.benchmarks import methods
+
+    s = methods.Settings()
+    loss = {"DiLoCo": 1.04, "EASGD": 1.2, "local SGD": 1.1, "gossip ring": 1.2}
+    rows = []
+    for name, _ in methods.sync_methods(s):
+        key = next((k for k in loss if name.startswith(k)), None)
+        rows.append(
+            {
+                "method": name,
+                "eval_loss": loss.get(key, 1.0),
+                "bytes_per_step": 100.0,
+                "busiest_bytes_per_step": 1.0,
+                "peak_bytes_per_sync": 100.0,
+                "bytes_vs_sync": 0.5,
+                "consensus_distance": 0.1,
+                "consensus_over_steps": [[8, 0.05], [16, 0.1]],
+            }
+        )
+    asyn = [
+        {"method": "sync", "eval_loss": 1.0},
+        {"method": "async", "eval_loss": 2.0},
+        {"method": "DC-ASGD τ=16 λ=8", "eval_loss": 1.5},
+        {"method": "DC-ASGD-a τ=16 λ0=16", "eval_loss": 0.9},
+    ]
+    claims = {c["method"]: c for c in benchclaims.claims(rows, asyn, s)}
+    assert claims["DiLoCo"]["same"] == "yes"  # 1.04 <= 1.05
+    assert claims["EASGD (synchronous)"]["same"] == "no"  # worse than local SGD
+    assert claims["D-PSGD (gossip, ring)"]["same"] == "no"  # 1.2 > 1.05
+    assert "closes 50% of the eval-loss gap" in claims["DC-ASGD"]["ours"]
+    assert claims["DC-ASGD"]["same"].startswith("yes (partly")
+    assert "closes 110% of the eval-loss gap" in claims["DC-ASGD-a"]["ours"]
+    assert claims["DC-ASGD-a"]["same"] == "yes"

@@ -1,11 +1,11 @@
 """Multi-process runs on JAX's distributed runtime, with real processes on loopback (gloo).
 
 2 processes x 2 CPU devices must train to the same parameters as 1 process x 4 devices on the same
-global batches, for every backend and for the methods built on them (DiLoCo, EASGD, PowerSGD,
-gossip SGD, whose messages then cross the process boundary); a killed process must make the others
-exit with one clear line, not hang; the launcher must stop the job when a process fails. Every
-subprocess is bounded by a timeout. Run as a script, this file is the worker process of the parity
-test.
+global batches, for every backend and for the methods built on them (DiLoCo, Streaming DiLoCo,
+EASGD, PowerSGD, gossip SGD, whose messages then cross the process boundary); a killed process
+must make the others exit with one clear line, not hang; the launcher must stop the job when a
+process fails. Every subprocess is bounded by a timeout. Run as a script, this file is the worker
+process of the parity test.
 """
 
 import importlib.util
@@ -32,6 +32,13 @@ STRATEGIES = sync.backend_names()  # every gradient-sync backend: psum, ring, ps
 METHODS = {
     **{name: dict(strategy=name) for name in STRATEGIES},
     "diloco": dict(strategy="ring", local_steps=2, outer_optimizer="nesterov"),
+    "streaming_diloco": dict(
+        strategy="psum",
+        local_steps=2,
+        outer_optimizer="nesterov",
+        diloco_fragments=2,
+        outer_quantize="e4m3",
+    ),
     "easgd": dict(strategy="psum", local_steps=2, elastic_alpha=0.2),
     "powersgd": dict(strategy="psum", powersgd_rank=1),
     "gossip_ring": dict(strategy="psum", gossip_topology="ring"),

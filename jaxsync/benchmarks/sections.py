@@ -130,6 +130,24 @@ SECTIONS = (
         "bench_optimizers.json",
     ),
     Section(
+        "methods",
+        "Synchronisation methods beside their papers",
+        "experiments/bench_methods.py",
+        "Every method on one task (same model, batches, initial parameters and inner SGD): "
+        "synchronous SGD, local SGD, DiLoCo (Douillard et al. 2023), Streaming DiLoCo "
+        "(Douillard et al. 2025), EASGD (Zhang et al. 2015), PowerSGD (Vogels et al. 2019), "
+        "gossip SGD (Lian et al. 2017; Assran et al. 2019) and, emulated, async SGD and DC-ASGD "
+        "(Zheng et al. 2017); each paper's headline claim beside this run's numbers. Bytes are "
+        "counted, losses measured; 'same direction' means an eval loss within 5% of the "
+        "comparator's (a tolerance fixed before the runs).",
+        _same(["--quick"]),
+        ("--output={results}/bench_methods.json",),
+        "bench_methods.json",
+        pngs=("bench_methods.png",),
+        quick_note="64 steps of a width-64 MLP: the directions are this small run's, not the "
+        "papers' settings (billions of tokens, hundreds of GPUs).",
+    ),
+    Section(
         "rl",
         "Reinforcement learning",
         "experiments/bench_rl.py",

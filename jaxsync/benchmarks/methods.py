@@ -1,0 +1,295 @@
+"""The methods benchmark (``experiments/bench_methods.py``): every synchronisation method of
+:mod:`jaxsync.sync` and :mod:`jaxsync.async_ps` on one task, and (:mod:`jaxsync.benchmarks.claims`)
+each paper's headline claim beside what this run shows.
+
+All synchronous rows train the same MLP on the same global batches from the same initial
+parameters on N emulated devices with the same inner optimizer (SGD); the asynchronous rows are
+the deterministic staleness emulator on the same model and data (one update per gradient). Bytes
+are counted from the algorithms, not measured on a wire: all devices together, and the busiest
+device (what a slow link at one node limits). Losses are measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+from jaxsync.benchmarks import common
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The benchmark's flags (see ``experiments/bench_methods.py``)."""
+
+    num_devices: int = 8
+    steps: int = 400
+    width: int = 128
+    learning_rate: float = 0.2
+    period: int = 8  # H = τ of the periodic methods
+    fragments: int = 4  # Streaming DiLoCo's P
+    easgd_alpha: float = 0.1
+    staleness: int = 16  # τ of the asynchronous rows
+    quick: bool = False
+
+
+def _base(s: Settings, **kw):
+    from jaxsync.optim import OptimConfig
+    from jaxsync.runs import make
+    from jaxsync.train import TrainConfig
+
+    width, steps = (64, 64) if s.quick else (s.width, s.steps)
+    fields = dict(
+        strategy="psum",
+        num_devices=s.num_devices,
+        width=width,
+        batch_size=256,
+        steps=steps,
+        quiet=True,
+        log_every=max(steps // 8, 1),
+        eval_every=max(steps // 8, 1),
+        optim=OptimConfig("sgd", s.learning_rate),
+    )
+    return make(TrainConfig, **{**fields, **kw})
+
+
+def sync_methods(s: Settings) -> list[tuple[str, dict]]:
+    """``(name, TrainConfig fields)`` of every synchronous row, sync SGD first."""
+    h = s.period
+    diloco = dict(local_steps=h, outer_optimizer="nesterov")
+    rows = [
+        ("sync SGD", {}),
+        (f"local SGD H={h}", dict(local_steps=h)),
+        (f"DiLoCo H={h}", diloco),
+        (f"Streaming DiLoCo H={h} P={s.fragments}", dict(diloco, diloco_fragments=s.fragments)),
+        (
+            f"Streaming DiLoCo H={h} P={s.fragments} e2m1",
+            dict(diloco, diloco_fragments=s.fragments, outer_quantize="e2m1"),
+        ),
+        (f"EASGD τ={h} α={s.easgd_alpha:g}", dict(local_steps=h, elastic_alpha=s.easgd_alpha)),
+        ("PowerSGD r=1", dict(powersgd_rank=1)),
+        ("PowerSGD r=4", dict(powersgd_rank=4)),
+    ]
+    rows += [(f"gossip {t}", dict(gossip_topology=t)) for t in GOSSIP]
+    return rows
+
+
+GOSSIP = ("ring", "torus", "exponential", "one_peer_exponential", "complete")
+
+
+def _params(cfg):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsync import data, models
+
+    ds = data.load_dataset(cfg.dataset, cfg.run.seed, cfg.data_dir)
+    model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
+    return model.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
+
+
+def counted_bytes(cfg, params) -> tuple[float, float]:
+    """``(all devices, busiest device)`` bytes per step of ``cfg``'s method, averaged over steps,
+    from the algorithms' message sizes (float32 unless the method quantises)."""
+    import jax
+
+    from jaxsync import sync
+    from jaxsync.sync import diloco, gossip, powersgd
+
+    n = cfg.num_devices
+    backend = sync.get(cfg.strategy)
+    dense = 4 * sum(int(x.size) for x in jax.tree.leaves(params))
+    if cfg.gossip_topology != "none":
+        per_round = gossip.bytes_per_round(cfg.gossip_topology, n, dense)
+        sends = gossip.sends_per_round(cfg.gossip_topology, n)
+        return sum(per_round) / len(per_round), dense * sum(sends) / len(sends)
+    if cfg.powersgd_rank:
+        shapes = [x.shape for x in jax.tree.leaves(params)]
+        msg = 4 * powersgd.message_numbers(shapes, cfg.powersgd_rank)
+        return backend.total_bytes(n, msg), backend.cost(n, msg)[1]
+    if cfg.local_steps:
+        msg = dense
+        if cfg.outer_optimizer != "none":  # DiLoCo: quantised pseudo-gradients, their scales
+            sizes = [int(x.size) for x in jax.tree.leaves(params)]
+            msg = diloco.message_bytes(sizes, cfg.outer_quantize)
+        h = cfg.local_steps
+        return backend.total_bytes(n, msg) / h, backend.cost(n, msg)[1] / h
+    return backend.total_bytes(n, dense), backend.cost(n, dense)[1]
+
+
+def peak_sync_bytes(cfg, params) -> float:
+    """Bytes all devices send in the largest single synchronisation of ``cfg``'s method: a
+    Streaming DiLoCo sync moves its largest fragment (whole parameter arrays, dealt out strided:
+    :func:`jaxsync.sync.diloco.fragment_leaves`), any other method its whole message."""
+    import jax
+
+    from jaxsync import sync
+    from jaxsync.sync import diloco
+
+    sizes = [int(x.size) for x in jax.tree.leaves(params)]
+    backend = sync.get(cfg.strategy)
+    if cfg.outer_optimizer == "none":
+        return backend.total_bytes(cfg.num_devices, 4 * sum(sizes))
+    groups = diloco.fragment_leaves(len(sizes), cfg.diloco_fragments)
+    return max(
+        backend.total_bytes(
+            cfg.num_devices, diloco.message_bytes([sizes[i] for i in g], cfg.outer_quantize)
+        )
+        for g in groups
+    )
+
+
+def _train(cfg) -> tuple[dict, list[dict]]:
+    from jaxsync.runs import replace
+    from jaxsync.train import train_and_evaluate
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.jsonl")
+        summary = train_and_evaluate(replace(cfg, metrics_file=path))
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(x) for x in f if '"summary"' not in x]
+    return summary, records
+
+
+def sync_rows(s: Settings, log=print) -> list[dict]:
+    params = _params(_base(s))
+    rows = []
+    for name, fields in sync_methods(s):
+        cfg = _base(s, **fields)
+        summary, records = _train(cfg)
+        total, busiest = counted_bytes(cfg, params)
+        row = {
+            "method": name,
+            "fields": fields,
+            "bytes_per_step": total,
+            "busiest_bytes_per_step": busiest,
+            "peak_bytes_per_sync": peak_sync_bytes(cfg, params) if cfg.local_steps else total,
+            "final_loss": summary["final_loss"],
+            "eval_loss": summary["eval_loss"],
+            "consensus_distance": summary.get("consensus_distance", 0.0),
+            "consensus_over_steps": [
+                [r["step"], r["consensus_distance"]] for r in records if "consensus_distance" in r
+            ],
+            "eval_over_steps": [[r["step"], r["eval_loss"]] for r in records],
+            "step_ms": summary["step_time_ms"],
+        }
+        log(f"  {name}: eval_loss {row['eval_loss']:.4f}")
+        rows.append(row)
+    for r in rows:
+        r["bytes_vs_sync"] = r["bytes_per_step"] / rows[0]["bytes_per_step"]
+        r["eval_vs_sync"] = r["eval_loss"] / rows[0]["eval_loss"]
+    return rows
+
+
+def async_rows(s: Settings, log=print) -> list[dict]:
+    """Synchronous SGD (τ = 0), async SGD at τ = ``staleness``, DC-ASGD and DC-ASGD-a (λ and λ₀ of
+    ``bench_async``, tuned there at τ = 16) on the deterministic emulator: one device, one
+    gradient per update, the same model and data."""
+    from jaxsync.async_ps.staleness import StalenessConfig
+    from jaxsync.async_ps.train import AsyncConfig, train_async
+    from jaxsync.benchmarks.async_ps import DC_LAMBDA, DC_LAMBDA0
+    from jaxsync.optim import OptimConfig
+    from jaxsync.runs import make
+
+    width, steps = (64, 150) if s.quick else (s.width, s.steps)
+    base = make(
+        AsyncConfig,
+        width=width,
+        batch_size=64,
+        steps=steps,
+        eval_every=steps,
+        log_every=steps,
+        quiet=True,
+        optim=OptimConfig("sgd", s.learning_rate),
+    )
+    variants = (
+        ("sync SGD (τ=0)", dict(staleness=StalenessConfig(staleness=0))),
+        (f"async SGD τ={s.staleness}", dict(staleness=StalenessConfig(staleness=s.staleness))),
+        (
+            f"DC-ASGD τ={s.staleness} λ={DC_LAMBDA:g}",
+            dict(staleness=StalenessConfig(staleness=s.staleness), dc_lambda=DC_LAMBDA),
+        ),
+        (
+            f"DC-ASGD-a τ={s.staleness} λ0={DC_LAMBDA0:g}",
+            dict(
+                staleness=StalenessConfig(staleness=s.staleness),
+                dc_lambda=DC_LAMBDA0,
+                dc_adaptive=True,
+            ),
+        ),
+    )
+    rows = []
+    for name, fields in variants:
+        summary = train_async(dataclasses.replace(base, **fields))
+        rows.append({"method": name, "eval_loss": summary["eval_loss"]})
+        log(f"  {name}: eval_loss {summary['eval_loss']:.4f}")
+    return rows
+
+
+def run(s: Settings, log=print) -> dict:
+    from jaxsync import runs
+    from jaxsync.benchmarks.claims import claims
+
+    sync = sync_rows(s, log)
+    asyn = async_rows(s, log)
+    return {
+        "sync": sync,
+        "async": asyn,
+        "claims": claims(sync, asyn, s),
+        "settings": dataclasses.asdict(s),
+        "config": runs.config_json(_base(s)),
+    }
+
+
+SYNC_COLUMNS = (
+    ("method", "method"),
+    ("bytes/step, all devices (counted)", "bytes_per_step"),
+    ("bytes/step, busiest device (counted)", "busiest_bytes_per_step"),
+    ("bytes vs sync (counted)", "bytes_vs_sync"),
+    ("largest sync, all devices (counted)", "peak_bytes_per_sync"),
+    ("final loss", "final_loss"),
+    ("eval loss", "eval_loss"),
+    ("eval vs sync", "eval_vs_sync"),
+    ("consensus distance", "consensus_distance"),
+)
+
+
+def table(rows, cols) -> str:
+    return common.markdown_table([h for h, _ in cols], [[r[k] for _, k in cols] for r in rows], 4)
+
+
+def consensus_table(rows) -> str:
+    """Consensus distance at each logged step, gossip rows."""
+    gossip_rows = [r for r in rows if r["method"].startswith("gossip")]
+    steps = [st for st, _ in gossip_rows[0]["consensus_over_steps"]]
+    body = [[r["method"]] + [v for _, v in r["consensus_over_steps"]] for r in gossip_rows]
+    return common.markdown_table(["topology"] + [f"step {st}" for st in steps], body, 3)
+
+
+def plot(rows, path: str) -> None:
+    """Eval loss against steps and against bytes communicated (counted, all devices), per
+    synchronous method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for r in rows:
+        steps, losses = zip(*r["eval_over_steps"], strict=True)
+        style = "k--" if r["method"] == "sync SGD" else ":" if "gossip" in r["method"] else "-"
+        axes[0].plot(steps, losses, style, label=r["method"])
+        axes[1].plot([st * r["bytes_per_step"] for st in steps], losses, style, label=r["method"])
+    axes[0].set(xlabel="step", ylabel="eval loss", yscale="log", title="loss against steps")
+    axes[1].set(
+        xlabel="bytes sent, all devices (counted)",
+        ylabel="eval loss",
+        xscale="log",
+        yscale="log",
+        title="loss against bytes communicated",
+    )
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
