@@ -148,6 +148,19 @@ SECTIONS = (
         "papers' settings (billions of tokens, hundreds of GPUs).",
     ),
     Section(
+        "cluster",
+        "Simulated cluster clock: cost model and event throughput",
+        "experiments/bench_cluster.py",
+        "The α–β cost (Hockney 1994; Thakur, Rabenseifner & Gropp 2005) of each communication "
+        "pattern on the datacenter, ethernet and wan presets (jaxsync.cluster), for a 25M and a "
+        "1B-parameter float32 model: modelled seconds, not measurements; and the measured time "
+        "to simulate a 1,000-worker asynchronous schedule of 10,000 events (issue #17 asks for "
+        "under a second).",
+        _same([]),
+        ("--output={results}/bench_cluster.json",),
+        "bench_cluster.json",
+    ),
+    Section(
         "rl",
         "Reinforcement learning",
         "experiments/bench_rl.py",
