@@ -24,6 +24,7 @@ from jaxsync import (
     optim,
     precision,
     runs,
+    simclock,
     sync,
 )
 from jaxsync.metrics import median_ms, to_python
@@ -74,6 +75,8 @@ class TrainConfig:
     precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 master weights)
     compression: str = "none"  # ring | ps gradient messages: none | bf16 | topk (error feedback)
     topk_ratio: float = 0.01  # topk: fraction of each gradient bucket sent, in (0, 1]
+    # Simulated clock (jaxsync.simclock): a cluster preset[:field=value,...]; "" off
+    cluster: str = ""
 
 
 def _loss_and_init(model, task):
@@ -222,6 +225,13 @@ def validate(cfg: TrainConfig) -> None:
         )
     _validate_dist(cfg)
     optim.validate(cfg.optim)
+    if cfg.cluster:
+        if cfg.strategy not in sync.backend_names():
+            raise ConfigError(
+                f"--cluster needs a data-parallel --strategy ({', '.join(sync.backend_names())})"
+                f", not {cfg.strategy}"
+            )
+        simclock.cluster_for_run(cfg.cluster, cfg.num_devices)
 
 
 def train_and_evaluate(cfg: TrainConfig) -> dict:
@@ -260,6 +270,7 @@ def _job(cfg: TrainConfig) -> loop.Job:
     if jax.process_count() > 1:  # Orbax saves only global arrays in a multi-process run
         rng = distributed.replicate_globally(rng)
     state = strategy.init(rng, jnp.asarray(ds.x_train[:1]))
+    clock = simclock.for_run(cfg, strategy.params(state))  # None without --cluster
 
     def advance(tree, batch, first, n):
         state, metrics = strategy.step(tree["state"], batch)
@@ -286,6 +297,8 @@ def _job(cfg: TrainConfig) -> loop.Job:
             "nonfinite_steps": chunk["nonfinite"][1],
             "step_time_ms": median_ms(times[-run.log_every :]),
         }
+        if clock is not None:  # simulated seconds on the described cluster
+            host["record"]["sim_time"] = clock(step)
         if strategy.consensus is not None:  # per-device parameters: how far apart they are
             host["record"]["consensus_distance"] = float(strategy.consensus(tree["state"]))
         return [host["record"]], host
@@ -304,6 +317,7 @@ def _job(cfg: TrainConfig) -> loop.Job:
             "step_time_ms": median_ms(times),
             "param_checksum": param_checksum(strategy.params(tree["state"])),
             **({"consensus_distance": record["consensus_distance"]} if strategy.consensus else {}),
+            **({"sim_time": clock(run.steps)} if clock is not None else {}),
         }
 
     return loop.Job(
