@@ -47,8 +47,8 @@ def _base(s: Settings, **kw):
         batch_size=256,
         steps=steps,
         quiet=True,
-        log_every=max(steps // 8, 1),
-        eval_every=max(steps // 8, 1),
+        log_every=max(steps // 16, 1),
+        eval_every=max(steps // 16, 1),
         optim=OptimConfig("sgd", s.learning_rate),
     )
     return make(TrainConfig, **{**fields, **kw})
@@ -182,6 +182,51 @@ def sync_rows(s: Settings, log=print) -> list[dict]:
     return rows
 
 
+# Two 8-worker clusters for the simulated-time table: a fast datacentre (2 nodes × 4, NVLink
+# inside, InfiniBand between) and 4 data centres × 2 devices over a 1 Gb/s WAN (DiLoCo's setting).
+CLUSTERS = ("datacenter:workers=8,devices_per_node=4", "wan:workers=8,devices_per_node=2")
+
+
+def time_to_target(s: Settings, rows: list[dict], clusters=CLUSTERS) -> dict:
+    """Per cluster and method: simulated seconds to reach the target eval loss (sync SGD's at
+    half the run) and for the whole run. The runs' math does not depend on the cluster, so every
+    cluster's clock (:func:`jaxsync.simclock.for_run`) reads the same runs' eval curves; the
+    seconds are modelled, the losses measured."""
+    from jaxsync import simclock
+
+    params = _params(_base(s))
+    curve = rows[0]["eval_over_steps"]
+    target = curve[len(curve) // 2 - 1][1]
+    out = {"target_eval_loss": target, "clusters": list(clusters), "rows": []}
+    for r in rows:
+        row = {"method": r["method"]}
+        hit = next((st for st, loss in r["eval_over_steps"] if loss <= target), None)
+        for text in clusters:
+            clock = simclock.for_run(_base(s, **r["fields"], cluster=text), params)
+            key = text.partition(":")[0]
+            row[f"{key}_to_target_s"] = clock(hit) if hit is not None else None
+            row[f"{key}_run_s"] = clock(r["eval_over_steps"][-1][0])
+        out["rows"].append(row)
+    return out
+
+
+def time_table(result: dict) -> str:
+    keys = [c.partition(":")[0] for c in result["clusters"]]
+    head = ["method"] + [
+        f"{k} {what} (modelled s)" for k in keys for what in ("to target", "whole run")
+    ]
+    body = [
+        [r["method"]]
+        + [
+            r[f"{k}_{w}"] if r[f"{k}_{w}"] is not None else "not reached"
+            for k in keys
+            for w in ("to_target_s", "run_s")
+        ]
+        for r in result["rows"]
+    ]
+    return common.markdown_table(head, body, 3)
+
+
 def async_rows(s: Settings, log=print) -> list[dict]:
     """Synchronous SGD (τ = 0), async SGD at τ = ``staleness``, DC-ASGD and DC-ASGD-a (λ and λ₀ of
     ``bench_async``, tuned there at τ = 16) on the deterministic emulator: one device, one
@@ -233,10 +278,12 @@ def run(s: Settings, log=print) -> dict:
 
     sync = sync_rows(s, log)
     asyn = async_rows(s, log)
+    sim = time_to_target(s, sync)
     return {
         "sync": sync,
+        "simulated_time": sim,
         "async": asyn,
-        "claims": claims(sync, asyn, s),
+        "claims": claims(sync, asyn, s, sim),
         "settings": dataclasses.asdict(s),
         "config": runs.config_json(_base(s)),
     }
@@ -262,8 +309,11 @@ def table(rows, cols) -> str:
 def consensus_table(rows) -> str:
     """Consensus distance at each logged step, gossip rows."""
     gossip_rows = [r for r in rows if r["method"].startswith("gossip")]
-    steps = [st for st, _ in gossip_rows[0]["consensus_over_steps"]]
-    body = [[r["method"]] + [v for _, v in r["consensus_over_steps"]] for r in gossip_rows]
+    points = gossip_rows[0]["consensus_over_steps"]
+    stride = max(len(points) // 8, 1)  # at most about 8 columns, the last step always
+    keep = list(range(len(points) - 1, -1, -stride))[::-1]
+    steps = [points[i][0] for i in keep]
+    body = [[r["method"]] + [r["consensus_over_steps"][i][1] for i in keep] for r in gossip_rows]
     return common.markdown_table(["topology"] + [f"step {st}" for st in steps], body, 3)
 
 
