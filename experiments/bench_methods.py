@@ -9,17 +9,19 @@ method. Rows: synchronous SGD; local SGD, DiLoCo (Nesterov outer step, lr 0.7, m
 Streaming DiLoCo (P fragments; and with 4-bit e2m1 outer gradients) and synchronous EASGD, all
 every --period steps; PowerSGD at ranks 1 and 4; gossip SGD on every topology; and, on the
 deterministic staleness emulator, synchronous SGD, async SGD at τ = --staleness and DC-ASGD.
-The same runs' eval curves are timed on two simulated 8-worker clusters (a datacentre of 2 × 4
+The same runs' eval curves are timed on simulated clusters (--clusters; by default two of 8
+workers: (a datacentre of 2 × 4
 devices and 4 data centres × 2 over a 1 Gb/s WAN, jaxsync.cluster): modelled seconds to reach
 sync SGD's eval loss at half the run, and for the whole run.
 
 Bytes are counted from the algorithms (all devices, and the busiest device), not measured on a
 wire; losses are measured. On one host every message is a memory copy, so this table says how
-each method trades communicated bytes for quality, not how long it takes on a network. The
+each method trades communicated bytes for quality; how long it would take on a network is the
+simulated clusters' modelled time. The
 "same direction?" column compares each method with its comparator (sync SGD unless the row
 says otherwise) with a tolerance fixed before the runs (eval loss within 5%). Prints markdown
-tables, writes --output (JSON) and beside it a PNG of eval loss against steps and against
-counted bytes. The measuring code is ``jaxsync.benchmarks.methods``.
+tables, writes --output (JSON) and beside it a PNG of eval loss against steps, counted bytes
+and each cluster's modelled seconds. The measuring code is ``jaxsync.benchmarks.methods``.
 """
 
 import json
@@ -38,6 +40,12 @@ _FRAGMENTS = flags.DEFINE_integer("fragments", 4, "Streaming DiLoCo fragments P 
 _ALPHA = flags.DEFINE_float("easgd_alpha", 0.1, "EASGD moving rate α in (0, 1).")
 _TAU = flags.DEFINE_integer("staleness", 16, "Staleness τ of the asynchronous rows (>= 1).")
 _QUICK = flags.DEFINE_bool("quick", False, "Small run: 64 steps, width 64.")
+_CLUSTERS = flags.DEFINE_list(
+    "clusters",
+    ["datacenter:workers=8,devices_per_node=4", "wan:workers=8,devices_per_node=2"],
+    "--cluster values (jaxsync.cluster presets with overrides; workers = --num_devices) to time "
+    "the runs on.",
+)
 _OUTPUT = flags.DEFINE_string("output", "results/bench_methods.json", "JSON results path.")
 flags.DEFINE_integer("cpu_devices", 8, "CPU devices to emulate (>= --num_devices).")
 
@@ -53,6 +61,10 @@ def main(argv):
     from jaxsync.sync.easgd import check_alpha
 
     check_alpha(_ALPHA.value)
+    from jaxsync.simclock import cluster_for_run
+
+    for text in _CLUSTERS.value:  # a bad cluster is one line before any run
+        cluster_for_run(text, _N.value)
     settings = bench.Settings(
         _N.value,
         _STEPS.value,
@@ -63,6 +75,7 @@ def main(argv):
         _ALPHA.value,
         _TAU.value,
         _QUICK.value,
+        tuple(_CLUSTERS.value),
     )
     results = bench.run(settings)
     steps, n = results["config"]["steps"], settings.num_devices
@@ -84,7 +97,7 @@ def main(argv):
     with open(_OUTPUT.value, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, default=str)
     png = os.path.splitext(_OUTPUT.value)[0] + ".png"
-    bench.plot(results["sync"], png)
+    bench.plot(results["sync"], png, results["simulated_time"])
     print(f"\nwrote {_OUTPUT.value} and {png}")
 
 

@@ -18,6 +18,10 @@ import tempfile
 
 from jaxsync.benchmarks import common
 
+# Two 8-worker clusters for the simulated-time table: a fast datacentre (2 nodes × 4, NVLink
+# inside, InfiniBand between) and 4 data centres × 2 devices over a 1 Gb/s WAN (DiLoCo's setting).
+CLUSTERS = ("datacenter:workers=8,devices_per_node=4", "wan:workers=8,devices_per_node=2")
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -32,6 +36,7 @@ class Settings:
     easgd_alpha: float = 0.1
     staleness: int = 16  # τ of the asynchronous rows
     quick: bool = False
+    clusters: tuple = CLUSTERS  # --cluster values the runs are timed on (workers = num_devices)
 
 
 def _base(s: Settings, **kw):
@@ -182,18 +187,14 @@ def sync_rows(s: Settings, log=print) -> list[dict]:
     return rows
 
 
-# Two 8-worker clusters for the simulated-time table: a fast datacentre (2 nodes × 4, NVLink
-# inside, InfiniBand between) and 4 data centres × 2 devices over a 1 Gb/s WAN (DiLoCo's setting).
-CLUSTERS = ("datacenter:workers=8,devices_per_node=4", "wan:workers=8,devices_per_node=2")
-
-
-def time_to_target(s: Settings, rows: list[dict], clusters=CLUSTERS) -> dict:
+def time_to_target(s: Settings, rows: list[dict], clusters=None) -> dict:
     """Per cluster and method: simulated seconds to reach the target eval loss (sync SGD's at
     half the run) and for the whole run. The runs' math does not depend on the cluster, so every
     cluster's clock (:func:`jaxsync.simclock.for_run`) reads the same runs' eval curves; the
     seconds are modelled, the losses measured."""
     from jaxsync import simclock
 
+    clusters = clusters or s.clusters
     params = _params(_base(s))
     curve = rows[0]["eval_over_steps"]
     target = curve[len(curve) // 2 - 1][1]
@@ -206,6 +207,7 @@ def time_to_target(s: Settings, rows: list[dict], clusters=CLUSTERS) -> dict:
             key = text.partition(":")[0]
             row[f"{key}_to_target_s"] = clock(hit) if hit is not None else None
             row[f"{key}_run_s"] = clock(r["eval_over_steps"][-1][0])
+            row[f"{key}_curve_s"] = [clock(st) for st, _ in r["eval_over_steps"]]
         out["rows"].append(row)
     return out
 
@@ -317,20 +319,31 @@ def consensus_table(rows) -> str:
     return common.markdown_table(["topology"] + [f"step {st}" for st in steps], body, 3)
 
 
-def plot(rows, path: str) -> None:
-    """Eval loss against steps and against bytes communicated (counted, all devices), per
-    synchronous method."""
+def plot(rows, path: str, sim: dict | None = None) -> None:
+    """Eval loss against steps, against bytes communicated (counted, all devices) and, with a
+    simulated-time result, against each cluster's modelled seconds, per synchronous method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    clusters = sim["clusters"] if sim else []
+    fig, axes = plt.subplots(1, 2 + len(clusters), figsize=(7 * (2 + len(clusters)), 5))
+    times = {r["method"]: r for r in sim["rows"]} if sim else {}
     for r in rows:
         steps, losses = zip(*r["eval_over_steps"], strict=True)
         style = "k--" if r["method"] == "sync SGD" else ":" if "gossip" in r["method"] else "-"
         axes[0].plot(steps, losses, style, label=r["method"])
         axes[1].plot([st * r["bytes_per_step"] for st in steps], losses, style, label=r["method"])
+        for ax, text in zip(axes[2:], clusters, strict=True):
+            ax.plot(times[r["method"]][f"{text.partition(':')[0]}_curve_s"], losses, style)
+    for ax, text in zip(axes[2:], clusters, strict=True):
+        ax.set(
+            xlabel="simulated seconds (modelled)",
+            ylabel="eval loss",
+            yscale="log",
+            title=f"loss against time on {text}",
+        )
     axes[0].set(xlabel="step", ylabel="eval loss", yscale="log", title="loss against steps")
     axes[1].set(
         xlabel="bytes sent, all devices (counted)",
