@@ -103,11 +103,10 @@ def _data_parallel(cfg, model, task, tx):
     )
 
 
-def _dist_options(cfg, tx):
-    """``(tx, make_data_parallel options)``. The sharded optimizer clips by the global norm itself
-    (a psum of the slices' squared norms), so it gets the optimizer without clipping."""
-    options = dict(
-        grad_accum=cfg.grad_accum,
+def _sync_options(cfg) -> dict:
+    """The sync-backend options of ``cfg``, as :func:`jaxsync.sync.make_backend` and
+    :func:`jaxsync.sync.check_options` take them."""
+    return dict(
         shard_optimizer=cfg.shard_optimizer,
         local_steps=cfg.local_steps,
         average_opt_state=cfg.average_opt_state,
@@ -119,6 +118,12 @@ def _dist_options(cfg, tx):
         outer_quantize=cfg.outer_quantize,
         gossip_topology=cfg.gossip_topology,
     )
+
+
+def _dist_options(cfg, tx):
+    """``(tx, make_data_parallel options)``. The sharded optimizer clips by the global norm itself
+    (a psum of the slices' squared norms), so it gets the optimizer without clipping."""
+    options = dict(grad_accum=cfg.grad_accum, **_sync_options(cfg))
     if cfg.shard_optimizer and cfg.optim.clip_norm > 0:
         tx = optim.make_optimizer(
             dataclasses.replace(cfg.optim, clip_norm=0.0, total_steps=cfg.run.steps)
@@ -158,19 +163,7 @@ def _validate_dist(cfg) -> None:
             f"--grad_accum and --precision are not supported by --strategy={cfg.strategy}"
         )
     if data_parallel:
-        sync.check_options(
-            cfg.strategy,
-            shard_optimizer=cfg.shard_optimizer,
-            local_steps=cfg.local_steps,
-            compression=comp,
-            outer=outer,
-            average_opt_state=cfg.average_opt_state,
-            elastic_alpha=cfg.elastic_alpha,
-            powersgd_rank=cfg.powersgd_rank,
-            diloco_fragments=cfg.diloco_fragments,
-            outer_quantize=cfg.outer_quantize,
-            gossip_topology=cfg.gossip_topology,
-        )
+        sync.check_options(cfg.strategy, **_sync_options(cfg))
         if cfg.gossip_topology != "none":
             gossip.check_topology(cfg.gossip_topology, cfg.num_devices)
     n = 1 if cfg.strategy in ("single", *MODEL_PARALLEL) else cfg.num_devices
