@@ -18,16 +18,14 @@ Published picture it is compared with:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import tempfile
 
 from jaxsync.async_ps.staleness import StalenessConfig
 from jaxsync.async_ps.train import AsyncConfig, train_async
 from jaxsync.benchmarks import common
+from jaxsync.benchmarks.common import run_with_records
 from jaxsync.optim import OptimConfig
-from jaxsync.runs import make, replace
+from jaxsync.runs import make
 
 STALENESS = (0, 1, 4, 16)
 # DC-ASGD's constant λ (Zheng et al. 2017) for the τ = 4 and τ = 16 rows; picked from λ in
@@ -44,16 +42,6 @@ SSP_BOUNDS = (0, 1, 4, -1)  # 0: BSP (Ho et al.: BSP is SSP with s = 0); -1: ful
 WORKERS, SLOW_PROB, SLOWDOWN = 8, 0.125, 4.0  # transient stragglers: 1 gradient in 8 is 4x slower
 
 
-def _records(run, cfg):
-    """Run ``run(cfg with a temp metrics_file)``; returns (summary, per-log-step records)."""
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "m.jsonl")
-        summary = run(replace(cfg, metrics_file=path))
-        with open(path) as f:
-            records = [json.loads(x) for x in f][:-1]
-    return summary, records
-
-
 SYNC_KEYS = ("model", "width", "dataset", "optim", "batch_size", "eval_every")
 
 
@@ -64,7 +52,7 @@ def _sync(base: AsyncConfig):
 
     kw = {k: getattr(base, k) for k in SYNC_KEYS}
     run = dataclasses.replace(base.run, max_nonfinite=0)
-    return _records(train_and_evaluate, TrainConfig(strategy="single", **kw, run=run))
+    return run_with_records(train_and_evaluate, TrainConfig(strategy="single", **kw, run=run))
 
 
 def run_convergence(steps: int, lr: float, log=print) -> dict:
@@ -87,14 +75,14 @@ def run_convergence(steps: int, lr: float, log=print) -> dict:
             cfg = dataclasses.replace(
                 base, staleness=StalenessConfig(staleness=tau), staleness_aware_lr=aware
             )
-            runs[f"tau={tau}" + (" eta/tau" if aware else "")] = _records(train_async, cfg)
+            runs[f"tau={tau}" + (" eta/tau" if aware else "")] = run_with_records(train_async, cfg)
         if tau >= 4:
             cfg = dataclasses.replace(
                 base, staleness=StalenessConfig(staleness=tau), dc_lambda=DC_LAMBDA
             )
-            runs[f"tau={tau} DC-ASGD λ={DC_LAMBDA:g}"] = _records(train_async, cfg)
+            runs[f"tau={tau} DC-ASGD λ={DC_LAMBDA:g}"] = run_with_records(train_async, cfg)
             cfg = dataclasses.replace(cfg, dc_lambda=DC_LAMBDA0, dc_adaptive=True)
-            runs[f"tau={tau} DC-ASGD-a λ0={DC_LAMBDA0:g}"] = _records(train_async, cfg)
+            runs[f"tau={tau} DC-ASGD-a λ0={DC_LAMBDA0:g}"] = run_with_records(train_async, cfg)
     transient = StalenessConfig(
         model="transient",
         num_workers=WORKERS,
@@ -104,7 +92,7 @@ def run_convergence(steps: int, lr: float, log=print) -> dict:
     for bound in SSP_BOUNDS:
         name = {0: "BSP", -1: "async"}.get(bound, f"SSP s={bound}") + f" N={WORKERS}"
         cfg = dataclasses.replace(base, staleness=dataclasses.replace(transient, ssp_bound=bound))
-        runs[name] = _records(train_async, cfg)
+        runs[name] = run_with_records(train_async, cfg)
     for name, (s, _) in runs.items():
         log(f"  {name}: eval_loss {s['eval_loss']:.4f}")
     return runs

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -84,6 +86,19 @@ class Machine:
             f"device ({self.device_kind}); Python {self.python}; {versions}; "
             f"load average {load} (1/5/15 min) at the start"
         )
+
+
+def run_with_records(run, cfg):
+    """``run(cfg)`` with a temporary ``metrics_file``; returns ``(summary, records)``, the
+    records being every logged step's line (the file's last line, the summary, left out)."""
+    from jaxsync.runs import replace
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.jsonl")
+        summary = run(replace(cfg, metrics_file=path))
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(x) for x in f][:-1]
+    return summary, records
 
 
 def cpu_model() -> str:

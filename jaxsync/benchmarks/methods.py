@@ -12,11 +12,9 @@ device (what a slow link at one node limits). Losses are measured.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 
 from jaxsync.benchmarks import common
+from jaxsync.benchmarks.optimizers import initial_params, table  # noqa: F401 (table: the CLI's)
 
 # Two 8-worker clusters for the simulated-time table: a fast datacentre (2 nodes × 4, NVLink
 # inside, InfiniBand between) and 4 data centres × 2 devices over a 1 Gb/s WAN (DiLoCo's setting).
@@ -83,93 +81,62 @@ def sync_methods(s: Settings) -> list[tuple[str, dict]]:
 GOSSIP = ("ring", "torus", "exponential", "one_peer_exponential", "complete")
 
 
-def _params(cfg):
+def _messages(cfg, params):
+    """``(message, offset)`` of every collective ``cfg``'s method sends, the same list the
+    simulated clock times (:func:`jaxsync.simclock.run_messages`)."""
     import jax
-    import jax.numpy as jnp
 
-    from jaxsync import data, models
+    from jaxsync.simclock import run_messages
 
-    ds = data.load_dataset(cfg.dataset, cfg.run.seed, cfg.data_dir)
-    model = models.make_model(cfg.model, ds.num_outputs, cfg.width)
-    return model.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))["params"]
+    leaves = jax.tree.leaves(params)
+    return run_messages(cfg, [int(x.size) for x in leaves], [tuple(x.shape) for x in leaves])
+
+
+def _sent(cfg, m) -> tuple[float, float]:
+    """``(all devices, busiest device)`` bytes of one run of message ``m``: a gossip round's
+    off-diagonal W entries and busiest sender (:mod:`jaxsync.sync.gossip`), else the backend's
+    byte counts (``Backend.total_bytes``, ``Backend.cost``)."""
+    from jaxsync import sync
+    from jaxsync.sync import gossip
+
+    n = cfg.num_devices
+    if m.pattern == "gossip":
+        rounds = gossip.bytes_per_round(cfg.gossip_topology, n, m.nbytes)
+        sends = gossip.sends_per_round(cfg.gossip_topology, n)
+        return sum(rounds) / len(rounds), m.nbytes * sum(sends) / len(sends)
+    backend = sync.get(m.pattern)
+    return backend.total_bytes(n, m.nbytes), backend.cost(n, m.nbytes)[1]
 
 
 def counted_bytes(cfg, params) -> tuple[float, float]:
     """``(all devices, busiest device)`` bytes per step of ``cfg``'s method, averaged over steps,
     from the algorithms' message sizes (float32 unless the method quantises)."""
-    import jax
-
-    from jaxsync import sync
-    from jaxsync.sync import diloco, gossip, powersgd
-
-    n = cfg.num_devices
-    backend = sync.get(cfg.strategy)
-    dense = 4 * sum(int(x.size) for x in jax.tree.leaves(params))
-    if cfg.gossip_topology != "none":
-        per_round = gossip.bytes_per_round(cfg.gossip_topology, n, dense)
-        sends = gossip.sends_per_round(cfg.gossip_topology, n)
-        return sum(per_round) / len(per_round), dense * sum(sends) / len(sends)
-    if cfg.powersgd_rank:
-        shapes = [x.shape for x in jax.tree.leaves(params)]
-        msg = 4 * powersgd.message_numbers(shapes, cfg.powersgd_rank)
-        return backend.total_bytes(n, msg), backend.cost(n, msg)[1]
-    if cfg.local_steps:
-        msg = dense
-        if cfg.outer_optimizer != "none":  # DiLoCo: quantised pseudo-gradients, their scales
-            sizes = [int(x.size) for x in jax.tree.leaves(params)]
-            msg = diloco.message_bytes(sizes, cfg.outer_quantize)
-        h = cfg.local_steps
-        return backend.total_bytes(n, msg) / h, backend.cost(n, msg)[1] / h
-    return backend.total_bytes(n, dense), backend.cost(n, dense)[1]
+    sent = [(_sent(cfg, m), m.every) for m, _ in _messages(cfg, params)]
+    return sum(t / e for (t, _), e in sent), sum(b / e for (_, b), e in sent)
 
 
 def peak_sync_bytes(cfg, params) -> float:
     """Bytes all devices send in the largest single synchronisation of ``cfg``'s method: a
     Streaming DiLoCo sync moves its largest fragment (whole parameter arrays, dealt out strided:
     :func:`jaxsync.sync.diloco.fragment_leaves`), any other method its whole message."""
-    import jax
-
-    from jaxsync import sync
-    from jaxsync.sync import diloco
-
-    sizes = [int(x.size) for x in jax.tree.leaves(params)]
-    backend = sync.get(cfg.strategy)
-    if cfg.outer_optimizer == "none":
-        return backend.total_bytes(cfg.num_devices, 4 * sum(sizes))
-    groups = diloco.fragment_leaves(len(sizes), cfg.diloco_fragments)
-    return max(
-        backend.total_bytes(
-            cfg.num_devices, diloco.message_bytes([sizes[i] for i in g], cfg.outer_quantize)
-        )
-        for g in groups
-    )
-
-
-def _train(cfg) -> tuple[dict, list[dict]]:
-    from jaxsync.runs import replace
-    from jaxsync.train import train_and_evaluate
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "m.jsonl")
-        summary = train_and_evaluate(replace(cfg, metrics_file=path))
-        with open(path, encoding="utf-8") as f:
-            records = [json.loads(x) for x in f if '"summary"' not in x]
-    return summary, records
+    return max(_sent(cfg, m)[0] for m, _ in _messages(cfg, params))
 
 
 def sync_rows(s: Settings, log=print) -> list[dict]:
-    params = _params(_base(s))
+    from jaxsync.train import train_and_evaluate
+
+    params = initial_params(_base(s))
     rows = []
     for name, fields in sync_methods(s):
         cfg = _base(s, **fields)
-        summary, records = _train(cfg)
+        summary, records = common.run_with_records(train_and_evaluate, cfg)
         total, busiest = counted_bytes(cfg, params)
         row = {
             "method": name,
             "fields": fields,
             "bytes_per_step": total,
             "busiest_bytes_per_step": busiest,
-            "peak_bytes_per_sync": peak_sync_bytes(cfg, params) if cfg.local_steps else total,
+            "peak_bytes_per_sync": peak_sync_bytes(cfg, params),
             "final_loss": summary["final_loss"],
             "eval_loss": summary["eval_loss"],
             "consensus_distance": summary.get("consensus_distance", 0.0),
@@ -195,7 +162,7 @@ def time_to_target(s: Settings, rows: list[dict], clusters=None) -> dict:
     from jaxsync import simclock
 
     clusters = clusters or s.clusters
-    params = _params(_base(s))
+    params = initial_params(_base(s))
     curve = rows[0]["eval_over_steps"]
     target = curve[len(curve) // 2 - 1][1]
     out = {"target_eval_loss": target, "clusters": list(clusters), "rows": []}
@@ -302,10 +269,6 @@ SYNC_COLUMNS = (
     ("eval vs sync", "eval_vs_sync"),
     ("consensus distance", "consensus_distance"),
 )
-
-
-def table(rows, cols) -> str:
-    return common.markdown_table([h for h, _ in cols], [[r[k] for _, k in cols] for r in rows], 4)
 
 
 def consensus_table(rows) -> str:

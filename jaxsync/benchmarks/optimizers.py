@@ -42,7 +42,7 @@ def _base(s, **kw):
     return make(TrainConfig, **{**fields, **kw})
 
 
-def _params(cfg):
+def initial_params(cfg):
     """The model's initial parameters (their shapes are what the byte counts need)."""
     import jax
     import jax.numpy as jnp
@@ -59,7 +59,7 @@ def _param_lengths(cfg, multiple_of):
     from jaxsync import collectives
 
     buckets, _ = collectives.flatten_to_buckets(
-        _params(cfg), collectives.DEFAULT_BUCKET_BYTES, multiple_of
+        initial_params(cfg), collectives.DEFAULT_BUCKET_BYTES, multiple_of
     )
     return [b.shape[0] for b in buckets]
 
@@ -128,7 +128,7 @@ def _fragment_bytes(s, fragments: int, quantize: str) -> list[float]:
     from jaxsync.sync import allreduce_bytes, diloco
 
     n = s.num_devices
-    leaves = jax.tree.leaves(_params(_base(s)))
+    leaves = jax.tree.leaves(initial_params(_base(s)))
     out = []
     for ks in diloco.fragment_leaves(len(leaves), fragments):
         buckets, _ = collectives.flatten_to_buckets(
@@ -243,7 +243,7 @@ def _powersgd_rows(s, backend, base):
     from jaxsync import sync
     from jaxsync.sync.powersgd import message_numbers
 
-    shapes = [p.shape for p in jax.tree.leaves(_params(_base(s)))]
+    shapes = [p.shape for p in jax.tree.leaves(initial_params(_base(s)))]
     rows = []
     for r in POWERSGD_RANKS:
         sent = sync.get(backend).total_bytes(s.num_devices, 4 * message_numbers(shapes, r))
