@@ -45,39 +45,52 @@ def _log(cfg):
     return log
 
 
-def threads_job(cfg: AsyncConfig) -> loop.Job:
-    """One chunk: the worker threads run every push; the records come from the server's log."""
+def _threaded_job(cfg: AsyncConfig, run, summarise) -> loop.Job:
+    """One chunk: ``run(slowdown, params, tx, loss_fn, batch)`` runs every worker thread to the
+    end; ``summarise(result, evaluate, slow)`` is the summary (records: the result's log)."""
     ds, params, tx, loss_fn, evaluate = setup(cfg)
     slow, slowdown = _stragglers(cfg.staleness)
-    s = cfg.staleness
-    tcfg = ThreadsConfig(
-        num_workers=s.num_workers,
-        total_pushes=cfg.run.steps * s.n_push,
-        lock=cfg.lock,
-        n_push=s.n_push,
-        staleness_aware=cfg.staleness_aware_lr,
-        dc_lambda=cfg.dc_lambda,
-        dc_adaptive=cfg.dc_adaptive,
-        dc_momentum=cfg.dc_momentum,
-        slowdown=slowdown,
-        timeout_s=cfg.timeout_s,
-        ssp_bound=s.ssp_bound,
-        fail_worker=cfg.fail_worker,
-        fail_after=cfg.fail_after,
-    )
     batch = lambda i: ds.batch(i, cfg.batch_size, cfg.run.seed)
 
     def advance(tree, inputs, first, n):
-        res = run_threads(tcfg, params, tx, loss_fn, batch, jax.devices())
+        res = run(slowdown, params, tx, loss_fn, batch)
         return {"result": res}, res
 
     def summary(tree, host, times):
-        res = tree["result"]
-        return _threads_summary(cfg, res, evaluate(res.params), slow)
+        return summarise(tree["result"], evaluate, slow)
 
     return loop.Job(
         tree={}, advance=advance, log=_log(cfg), summary=summary, headline=lambda record: None
     )
+
+
+def threads_job(cfg: AsyncConfig) -> loop.Job:
+    """Asynchronous SGD: the worker threads run every push; the records come from the server's
+    log."""
+    s = cfg.staleness
+
+    def run(slowdown, *model):
+        tcfg = ThreadsConfig(
+            num_workers=s.num_workers,
+            total_pushes=cfg.run.steps * s.n_push,
+            lock=cfg.lock,
+            n_push=s.n_push,
+            staleness_aware=cfg.staleness_aware_lr,
+            dc_lambda=cfg.dc_lambda,
+            dc_adaptive=cfg.dc_adaptive,
+            dc_momentum=cfg.dc_momentum,
+            slowdown=slowdown,
+            timeout_s=cfg.timeout_s,
+            ssp_bound=s.ssp_bound,
+            fail_worker=cfg.fail_worker,
+            fail_after=cfg.fail_after,
+        )
+        return run_threads(tcfg, *model, jax.devices())
+
+    def summarise(res, evaluate, slow):
+        return _threads_summary(cfg, res, evaluate(res.params), slow)
+
+    return _threaded_job(cfg, run, summarise)
 
 
 def _threads_summary(cfg, res, eval_metrics, slow, taus=None) -> dict:
@@ -118,27 +131,22 @@ def elastic_job(cfg: AsyncConfig) -> loop.Job:
     """Asynchronous EASGD (Zhang, Choromanska & LeCun 2015, Algorithm 2): ``run.steps`` local
     steps over all workers, an exchange with the center every ``elastic_period``; the center is
     the model evaluated and checksummed."""
-    ds, params, tx, loss_fn, evaluate = setup(cfg)
-    slow, slowdown = _stragglers(cfg.staleness)
-    ecfg = ElasticConfig(
-        num_workers=cfg.staleness.num_workers,
-        total_steps=cfg.run.steps,
-        alpha=cfg.elastic_alpha,
-        period=cfg.elastic_period,
-        lock=cfg.lock,
-        slowdown=slowdown,
-        timeout_s=cfg.timeout_s,
-        fail_worker=cfg.fail_worker,
-        fail_after=cfg.fail_after,
-    )
-    batch = lambda i: ds.batch(i, cfg.batch_size, cfg.run.seed)
 
-    def advance(tree, inputs, first, n):
-        res = run_elastic(ecfg, params, tx, loss_fn, batch, jax.devices())
-        return {"result": res}, res
+    def run(slowdown, *model):
+        ecfg = ElasticConfig(
+            num_workers=cfg.staleness.num_workers,
+            total_steps=cfg.run.steps,
+            alpha=cfg.elastic_alpha,
+            period=cfg.elastic_period,
+            lock=cfg.lock,
+            slowdown=slowdown,
+            timeout_s=cfg.timeout_s,
+            fail_worker=cfg.fail_worker,
+            fail_after=cfg.fail_after,
+        )
+        return run_elastic(ecfg, *model, jax.devices())
 
-    def summary(tree, host, times):
-        res = tree["result"]
+    def summarise(res, evaluate, slow):
         exchanges = [r for r in res.log if r.version >= 0]
         center = ThreadsResult(res.center, res.version, res.log, res.failures, res.wall_s)
         out = _threads_summary(
@@ -157,6 +165,4 @@ def elastic_job(cfg: AsyncConfig) -> loop.Job:
         )
         return out
 
-    return loop.Job(
-        tree={}, advance=advance, log=_log(cfg), summary=summary, headline=lambda record: None
-    )
+    return _threaded_job(cfg, run, summarise)
