@@ -4,19 +4,14 @@ Table 1: for tensor parallelism (tp) and GPipe (pp, --fixed_microbatches) on P d
 step time (measured) and the parameter bytes one device holds (read from its shards), against the
 single-device model measured in the same run.
 
-Table 2: the pipeline bubble versus M at P = --bubble_stages with a fixed microbatch size. The
-GPipe forward + backward (M + P − 1 ticks) is timed against two references without the bubble:
-
-- steady state: the same program on the same P-stage mesh cut to M ticks, so every tick runs the
-  same compute and the same ``ppermute`` of activation and microbatch index as the pipeline's
-  (the fair reference). Measured bubble = 1 − t_steady / t_pipeline.
-- no communication: on a (P, 1) data x stage mesh every device is a one-stage pipeline running
-  its own stage on its own M microbatches (M ticks of the same compute, no ``ppermute``). Its gap
-  also holds what the ppermutes cost, so it exceeds the bubble.
-
-Beside them: the idle (stage, tick) slots counted in the schedule that ran (the pipeline's
-``idle_fraction`` metric: microbatch indices travel with the activations) and GPipe's formula
-(P − 1)/(M + P − 1) (Huang et al. 2019).
+Table 2: every pipeline schedule (jaxsync.parallel.schedules: gpipe, 1f1b, interleaved with v=2,
+zb_h1) versus M at P = --bubble_stages with a fixed microbatch size: one forward + backward of the
+schedule's table, timed against its dense reference (the same actions per device packed into
+consecutive ticks, every tick with the same two ``ppermute`` s, dependencies ignored: the same
+compute and communication without the bubble). Measured bubble = 1 − t_dense / t_schedule, beside
+the idle slots counted in the table that ran and the formula (GPipe/1F1B (P − 1)/(M + P − 1),
+interleaved (P − 1)/(v·M + P − 1), ZB-H1 (P − 1)/(3M + P − 1)), the stage inputs stashed (1F1B and
+ZB-H1 at most P, GPipe M) and XLA's compiled temp bytes (peak activation memory).
 
     python experiments/bench_model_parallel.py --quick
     python experiments/bench_model_parallel.py --parallel=1,2,4,8 --microbatches=1,2,4,8,16
@@ -41,7 +36,7 @@ _WIDTH = flags.DEFINE_integer("width", 64, "d_model; mlp_dim = 4·width, 8 heads
 _LAYERS = flags.DEFINE_integer("layers", 8, "Transformer blocks (divisible by every P).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch for table 1; microbatch size for 2.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per point; the median is reported.")
-_QUICK = flags.DEFINE_bool("quick", False, "Small run: P in 1,2,4, M in 1,4,8, width 32.")
+_QUICK = flags.DEFINE_bool("quick", False, "Small run: P in 1,2,4, M in 4,8, width 32, 8 layers.")
 _OUTPUT = flags.DEFINE_string("output", "results/bench_model_parallel.json", "JSON path.")
 flags.DEFINE_integer("cpu_devices", 8, "CPU devices to emulate (>= max P).")
 
@@ -54,8 +49,8 @@ def main(argv):
 
     quick = _QUICK.value
     ps = [1, 2, 4] if quick else [int(p) for p in _PARALLEL.value]
-    ms = [1, 4, 8] if quick else [int(m) for m in _MICRO.value]
-    width, layers = (32, 4) if quick else (_WIDTH.value, _LAYERS.value)
+    ms = [4, 8] if quick else [int(m) for m in _MICRO.value]
+    width, layers = (32, 8) if quick else (_WIDTH.value, _LAYERS.value)
     result = model_parallel.run(
         ps,
         ms,

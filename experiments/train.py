@@ -29,12 +29,17 @@ FLAGS = flags.FLAGS
 # The strategy's flags: TrainConfig field -> help; each default is TrainConfig's.
 STRATEGY = {
     "strategy": f"single | {' | '.join(backend_names())} (data parallel, jaxsync.sync.BACKENDS) "
-    "| tp (tensor) | pp (GPipe pipeline) | dp_tp (data x tensor mesh with "
-    "--num_devices / --model_parallel replicas).",
+    "| tp (tensor) | pp (pipeline, --pipeline_schedule) | dp_tp / dp_pp (data x tensor / "
+    "pipeline mesh with --num_devices / --model_parallel replicas).",
     "frontend": "Front end for data parallelism: shard_map | pmap.",
-    "model_parallel": "tp / dp_tp: devices per model replica; pp: pipeline "
+    "model_parallel": "tp / dp_tp: devices per model replica; pp / dp_pp: pipeline "
     "stages (>= 1; must divide num_heads, 4*width and the 4 layers).",
-    "microbatches": "pp: GPipe microbatches per global batch (>= 1, divides --batch_size).",
+    "microbatches": "pp / dp_pp: pipeline microbatches per data replica's batch (>= 1, "
+    "divides it).",
+    "pipeline_schedule": "pp / dp_pp: gpipe | 1f1b | interleaved | zb_h1 "
+    "(jaxsync.parallel.schedules; a schedule is a table one executor runs).",
+    "virtual_stages": "pp / dp_pp with --pipeline_schedule=interleaved: model chunks per device "
+    "(>= 1; --model_parallel x it divides the layers).",
     "tp_collective": "tp / dp_tp all-reduce: psum (XLA) | ring (jaxsync.collectives).",
     "shard_optimizer": "psum | ring: ZeRO-1/2, each device keeps 1/N of the "
     "optimizer state (element-wise optimizers; --clip_norm is applied globally).",

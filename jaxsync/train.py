@@ -51,9 +51,11 @@ class TrainConfig:
     eval_every: int = 100
     # Steps, seed, logging, checkpoints, resume, non-finite guard, TensorBoard, replica check.
     run: runs.RunConfig = runs.RunConfig()
-    # Model parallelism: --strategy=tp | pp | dp_tp.
+    # Model parallelism: --strategy=tp | pp | dp_tp | dp_pp.
     model_parallel: int = 2  # P: devices per model replica (tp, dp_tp) or pipeline stages (pp)
-    microbatches: int = 4  # M: GPipe microbatches per global batch (pp)
+    microbatches: int = 4  # M: pipeline microbatches per global batch (pp, dp_pp)
+    pipeline_schedule: str = "gpipe"  # pp, dp_pp: gpipe | 1f1b | interleaved | zb_h1
+    virtual_stages: int = 1  # v: model chunks per pipeline device (interleaved)
     tp_collective: str = "psum"  # tensor-parallel all-reduce (and dp_tp gradient sync): psum | ring
     # Distributed optimizers: options of the sync backends (grad_accum, precision: also
     # single), so each composes with the backend's collectives; see _dist_options.
@@ -182,7 +184,7 @@ def _pipeline(cfg, model, task, tx):
     return pipeline.from_config(cfg, model, task, tx)
 
 
-MODEL_PARALLEL = ("tp", "pp", "dp_tp")  # they check their own batch and mesh sizes
+MODEL_PARALLEL = ("tp", "pp", "dp_tp", "dp_pp")  # they check their own batch and mesh sizes
 
 STRATEGIES = {
     "single": _single,
@@ -190,6 +192,7 @@ STRATEGIES = {
     "tp": _tensor_parallel,
     "dp_tp": _tensor_parallel,
     "pp": _pipeline,
+    "dp_pp": _pipeline,
 }
 
 
@@ -205,7 +208,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose from {sorted(data.DATASETS)}")
     check_at_least(cfg, ("batch_size", "num_devices", "eval_every"), 1)
     runs.validate(cfg.run)
-    check_at_least(cfg, ("model_parallel", "microbatches"), 1)
+    check_at_least(cfg, ("model_parallel", "microbatches", "virtual_stages"), 1)
     if cfg.tp_collective not in tensor.TP_COLLECTIVES:
         raise ConfigError(
             f"unknown --tp_collective {cfg.tp_collective!r}; "

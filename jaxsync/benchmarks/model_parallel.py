@@ -1,11 +1,9 @@
 """The model-parallel benchmark (``experiments/bench_model_parallel.py``): step time and
-per-device parameter bytes of tensor parallelism and GPipe against one device (table 1), and the
-GPipe bubble against M measured two ways beside the counted idle slots and the formula (table 2).
-
-Table 2's references: *steady state*, the same P-stage program cut to M ticks (the same compute
-and ``ppermute`` per tick, no bubble: the fair reference, bubble = 1 − t_steady / t_pipeline), and
-*no communication*, P one-stage pipelines on a (P, 1) data x stage mesh (no ``ppermute``; its gap
-also holds what the ppermutes cost).
+per-device parameter bytes of tensor parallelism and a GPipe pipeline against one device (table
+1), and every pipeline schedule (GPipe, 1F1B, interleaved, ZB-H1) against M (table 2): measured
+bubble against a dense reference (the same actions per device in consecutive ticks, with the same
+two ppermutes per tick), the idle slots counted in the table, the formula, the stage inputs
+stashed and XLA's compiled temp bytes (peak activation memory).
 """
 
 from __future__ import annotations
@@ -19,9 +17,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsync import losses, seqdata
 from jaxsync.benchmarks import common
-from jaxsync.mesh import DATA_AXIS, make_mesh
+from jaxsync.mesh import make_mesh
 from jaxsync.models.transformer import Transformer
-from jaxsync.parallel import pipeline, tensor
+from jaxsync.parallel import pipeline, schedules, tensor
 from jaxsync.parallel.data_parallel import make_single
 
 
@@ -42,35 +40,24 @@ def time_steps(strategy, x, y, repeats):
     return 1e3 * statistics.median(times), per_device
 
 
-def pipeline_grad_ms(module, x, y, stages, m, mode, repeats):
-    """``(median ms, idle fraction)`` of one GPipe forward + backward over M microbatches.
-
-    ``mode``: ``pipeline`` (P stages, M + P − 1 ticks), ``steady`` (the same P-stage program cut
-    to M ticks: the same per-tick compute and ppermutes, no bubble) or ``no_comm`` (a (P, 1) data x
-    stage mesh: every device a one-stage pipeline on its own M microbatches of len(x)/(P·M)).
-    """
-    no_comm = mode == "no_comm"
-    mesh = make_mesh((stages, 1) if no_comm else (1, stages), (DATA_AXIS, pipeline.STAGE_AXIS))
+def pipeline_grad_ms(module, x, y, stages, table, repeats):
+    """``(median ms, idle fraction, temp bytes)`` of one forward + backward of ``table`` (a
+    :class:`~jaxsync.parallel.schedules.Table`) on a P-stage mesh; temp bytes: XLA's compiled
+    memory statistics (``temp_size_in_bytes``: the stash and every intermediate)."""
+    mesh = make_mesh(stages, (pipeline.STAGE_AXIS,))
     params = module.init(jax.random.key(0), x[:1])["params"]
-    pp = pipeline.to_stages(params, module.num_layers, stages)
-    split = DATA_AXIS if no_comm else pipeline.STAGE_AXIS
-    specs = {
-        **pipeline.pipeline_specs(pp),
-        "stages": jax.tree.map(lambda _: P(split), pp["stages"]),
-    }
+    pp = pipeline.to_stages(params, module.num_layers, stages, table.chunks)
+    specs = pipeline.pipeline_specs(pp)
     pp = jax.device_put(pp, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
-    ticks = m if mode == "steady" else None
-    vg = pipeline.make_pipeline_value_and_grad(module, "classification", m, ticks=ticks)
+    vg = pipeline.make_value_and_grad(pipeline.transformer_fns(module, "classification"), table)
     fn = jax.jit(
         jax.shard_map(
-            vg,
-            mesh=mesh,
-            in_specs=(specs, P(DATA_AXIS)),
-            out_specs=((P(), P()), specs),
-            check_vma=False,
+            vg, mesh=mesh, in_specs=(specs, P()), out_specs=((P(), P()), specs), check_vma=False
         )
     )
-    batch = jax.device_put((x, y), NamedSharding(mesh, P(DATA_AXIS)))
+    batch = jax.device_put((x, y), NamedSharding(mesh, P()))
+    memory = fn.lower(pp, batch).compile().memory_analysis()
+    temp = int(getattr(memory, "temp_size_in_bytes", -1)) if memory is not None else -1
     for _ in range(2):  # compile, then one warm run
         (_, metrics), _ = jax.block_until_ready(fn(pp, batch))
     times = []
@@ -78,29 +65,44 @@ def pipeline_grad_ms(module, x, y, stages, m, mode, repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(pp, batch))
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times), float(metrics["idle_fraction"])
+    return 1e3 * statistics.median(times), float(metrics["idle_fraction"]), temp
+
+
+SCHEDULE_ROWS = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb_h1", 1))
 
 
 def bubble_rows(module, x, y, stages, ms, b, reps):
+    """Per schedule and M: the schedule's time against its dense reference (the same actions
+    per device in consecutive ticks, each tick with the same two ppermutes: no bubble)."""
     rows = []
-    for m in ms:
-        n = b * m
-        t, idle = pipeline_grad_ms(module, x[:n], y[:n], stages, m, "pipeline", reps)
-        steady, _ = pipeline_grad_ms(module, x[:n], y[:n], stages, m, "steady", reps)
-        xs, ys = x[: n * stages], y[: n * stages]
-        no_comm, _ = pipeline_grad_ms(module, xs, ys, stages, m, "no_comm", reps)
-        rows.append(
-            dict(
-                M=m,
-                pipeline_ms=t,
-                steady_ms=steady,
-                no_comm_ms=no_comm,
-                measured=1 - steady / t,
-                measured_no_comm=1 - no_comm / t,
-                idle_counted=idle,
-                theory=pipeline.bubble_fraction(stages, m),
+    for name, v in SCHEDULE_ROWS:
+        if module.num_layers % (stages * v):
+            continue
+        for m in ms:
+            try:
+                table = schedules.make_table(name, stages, m, v)
+            except schedules.ScheduleError:
+                continue  # e.g. interleaved with M < P
+            n = b * m
+            t, idle, temp = pipeline_grad_ms(module, x[:n], y[:n], stages, table, reps)
+            dense, _, _ = pipeline_grad_ms(
+                module, x[:n], y[:n], stages, schedules.dense_reference(table), reps
             )
-        )
+            rows.append(
+                dict(
+                    schedule=name,
+                    v=v,
+                    M=m,
+                    ticks=table.ticks,
+                    pipeline_ms=t,
+                    dense_ms=dense,
+                    measured=1 - dense / t,
+                    idle_counted=idle,
+                    theory=schedules.bubble_formula(name, stages, m, v),
+                    stash_slots=table.act_slots,
+                    temp_bytes=temp,
+                )
+            )
     return rows
 
 
@@ -109,7 +111,7 @@ def run(ps, ms, width, layers, batch, repeats, fixed_microbatches, stages, tx) -
     import numpy as np
 
     module = Transformer(seqdata.VOCAB, width, 8 if width % 8 == 0 else 4, 4 * width, layers)
-    n_examples = batch * max(ms) * stages  # the no-bubble probe uses P·M microbatches
+    n_examples = batch * max(ms)
     x, y = (np.asarray(a) for a in seqdata.make_task("reverse", 0, n=n_examples))
     single = make_single(
         losses.make_loss_fn(module.apply, "classification"),
@@ -157,31 +159,35 @@ def tables(result: dict) -> str:
     h1 += ["param bytes / device (read from shards)", "vs single"]
     t2 = [
         [
+            r["schedule"] + (f" v={r['v']}" if r["v"] > 1 else ""),
             str(r["M"]),
+            str(r["ticks"]),
             f"{r['pipeline_ms']:.2f}",
-            f"{r['steady_ms']:.2f}",
+            f"{r['dense_ms']:.2f}",
             f"{r['measured']:.3f}",
-            f"{r['no_comm_ms']:.2f}",
-            f"{r['measured_no_comm']:.3f}",
             f"{r['idle_counted']:.3f}",
             f"{r['theory']:.3f}",
+            str(r["stash_slots"]),
+            f"{r['temp_bytes']:,}",
         ]
         for r in result["bubble"]
     ]
-    h2 = ["M", "pipeline ms (measured)", "steady-state ms (measured)"]
-    h2 += ["bubble 1 − t_steady/t (measured)", "no-comm ms (measured)"]
-    h2 += ["1 − t_no_comm/t (measured)", "idle slots (counted)", "(P−1)/(M+P−1) (formula)"]
+    h2 = ["schedule", "M", "ticks", "pipeline ms (measured)", "dense ms (measured)"]
+    h2 += ["bubble 1 − t_dense/t (measured)", "idle slots (counted)", "formula"]
+    h2 += ["stage inputs stashed (counted)", "XLA temp bytes (compiled)"]
     stages, b = result["stages"], result["batch"]
     return "\n".join(
         [
             f"\nTable 1: width {result['width']}, {result['layers']} layers, batch {b}, "
             f"pp M={result['fixed_microbatches']}\n",
             common.markdown_table(h1, t1),
-            f"\nTable 2: GPipe forward+backward, P={stages}, microbatch {b}. Steady state: the "
-            "same P-stage program cut to M ticks (same compute and ppermutes per tick, no "
-            "bubble); no-comm: P one-stage pipelines (no ppermute), whose gap also holds the "
-            "ppermutes' cost. Idle slots are counted in the schedule that ran; (P−1)/(M+P−1) is "
-            "the formula.\n",
+            f"\nTable 2: pipeline schedules, forward + backward, P={stages}, microbatch {b}. "
+            "Dense: the same actions per device in consecutive ticks (same compute and two "
+            "ppermutes per tick, dependencies ignored): the no-bubble reference. Idle slots are "
+            "counted in the table that ran; formula: GPipe/1F1B (P−1)/(M+P−1), interleaved "
+            "(P−1)/(vM+P−1), ZB-H1 (P−1)/(3M+P−1) in unit ticks. B and W recompute the "
+            "stage forward, so a B tick costs more than an F tick and ticks run in lockstep; "
+            "on emulated CPU devices idle devices also free shared cores.\n",
             common.markdown_table(h2, t2),
         ]
     )
