@@ -25,7 +25,9 @@ import tempfile
 import time
 from typing import NamedTuple
 
-import numpy as np
+# The one α–β fitter (least squares on relative error, coefficients >= 0), shared with the
+# cluster model's validation; nonneg_lstsq_2 is re-exported for callers of this module.
+from jaxsync.cluster.validation import fit_relative, nonneg_lstsq_2  # noqa: F401
 
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 
@@ -200,26 +202,6 @@ class AlphaBeta:
         return 1e-9 / self.beta_s_per_byte if self.beta_s_per_byte > 0 else math.inf
 
 
-def nonneg_lstsq_2(a: np.ndarray, t: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Weighted least squares for two coefficients constrained to be >= 0.
-
-    The unconstrained solution when it is non-negative, else the better of the two one-variable
-    fits (for two variables the non-negative optimum lies on one of those faces).
-    """
-    aw, tw = a * weights[:, None], t * weights
-    coef = np.linalg.lstsq(aw, tw, rcond=None)[0]
-    if np.all(coef >= 0):
-        return coef
-    best, best_err = np.zeros(2), float(np.sum(tw**2))
-    for j in range(2):
-        denom = float(aw[:, j] @ aw[:, j])
-        c = max(float(aw[:, j] @ tw) / denom, 0.0) if denom > 0 else 0.0
-        err = float(np.sum((tw - c * aw[:, j]) ** 2))
-        if err < best_err:
-            best, best_err = np.eye(2)[j] * c, err
-    return best
-
-
 def fit_alpha_beta(backend: str, points) -> AlphaBeta:
     """Fit α, β >= 0 to ``points`` = [(N, bytes_per_device, seconds), ...] of one backend.
 
@@ -231,11 +213,9 @@ def fit_alpha_beta(backend: str, points) -> AlphaBeta:
     pts = [(n, s, t) for n, s, t in points if t > 0]
     if len(pts) < 2:
         raise ValueError(f"need >= 2 timed points to fit {backend}, got {len(pts)}")
-    a = np.array([allreduce_costs()[backend](n, s) for n, s, _ in pts], dtype=np.float64)
-    t = np.array([p[2] for p in pts], dtype=np.float64)
-    alpha, beta = nonneg_lstsq_2(a, t, 1.0 / t)
-    rel = (a @ np.array([alpha, beta]) - t) / t
-    return AlphaBeta(backend, float(alpha), float(beta), float(np.sqrt(np.mean(rel**2))))
+    a = [allreduce_costs()[backend](n, s) for n, s, _ in pts]
+    (alpha, beta), rms = fit_relative(a, [p[2] for p in pts])
+    return AlphaBeta(backend, float(alpha), float(beta), rms)
 
 
 def scaling_efficiency(throughput: float, base_throughput: float, n: int, base_n: int = 1):

@@ -14,7 +14,7 @@ import json
 import os
 import re
 
-from jaxsync.benchmarks import allreduce, common, scaling
+from jaxsync.benchmarks import allreduce, cluster_validation, common, scaling
 
 SCALING_INTRO = (
     "Synchronous data-parallel training step (MLP on the synthetic teacher set, SGD), timed "
@@ -193,6 +193,7 @@ def render_generic(result, results_dir, report_dir) -> str:
 
 RENDERERS = {
     "allreduce": allreduce.render,
+    "cluster_validation": cluster_validation.render,
     "scaling": render_scaling,
     "lsr": render_lsr,
     "generic": render_generic,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxsync.benchmarks import allreduce
+from jaxsync.benchmarks import allreduce, cluster_validation
 from jaxsync.benchmarks import render as benchrender
 
 
@@ -159,6 +159,28 @@ SECTIONS = (
         _same([]),
         ("--output={results}/bench_cluster.json",),
         "bench_cluster.json",
+    ),
+    Section(
+        "cluster_validation",
+        "Simulated cluster clock against measured all-reduces and published clusters",
+        "experiments/bench_cluster_validation.py",
+        cluster_validation.INTRO,
+        {
+            "smoke": [
+                "--processes=2,3",
+                "--train_processes=2",
+                "--min_bytes=4K",
+                "--max_bytes=256K",
+                "--repeats=3",
+                "--warmup=1",
+                "--rounds=1",
+            ],
+            "quick": ["--quick"],
+            "full": [],
+        },
+        ("--output={results}/bench_cluster_validation.json",),
+        "bench_cluster_validation.json",
+        "cluster_validation",
     ),
     Section(
         "rl",
