@@ -3,6 +3,7 @@
 import gzip
 import struct
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -51,6 +52,22 @@ def test_unknown_dataset_and_missing_dir():
         data.load_dataset("cifar", 0)
     with pytest.raises(ConfigError, match="--data_dir"):
         data.load_dataset("mnist", 0, None)
+
+
+@pytest.mark.parametrize(
+    "model, x, match",
+    [
+        ("mlp", np.zeros((2, 16), np.int32), "integer tokens"),
+        ("cnn", np.zeros((2, 16), np.float32), "needs images"),
+        ("transformer", np.zeros((2, 16), np.float32), "integer tokens"),
+    ],
+)
+def test_model_rejects_data_it_cannot_read(model, x, match):
+    """A model given another task's data says which data it needs (one line, not a traceback)."""
+    from jaxsync import models
+
+    with pytest.raises(ConfigError, match=match):
+        models.make_model(model, 10).init(jax.random.key(0), x)
 
 
 # Non-default hyper-parameters, so a constructor that ignores a field gives other numbers.

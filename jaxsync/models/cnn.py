@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxsync import ConfigError
+
 
 class CNN(nn.Module):
     """Two 3x3 conv + ReLU + 2x2 average-pool stages, then a dense classifier.
@@ -20,6 +22,11 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if x.ndim not in (3, 4) or jnp.issubdtype(x.dtype, jnp.integer):
+            raise ConfigError(
+                f"the CNN needs images, (batch, H, W) or (batch, H, W, C), got {x.dtype} "
+                f"{tuple(x.shape)}: use --dataset=digits|mnist"
+            )
         if x.ndim == 3:
             x = x[..., None]
         x = x.astype(self.dtype)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxsync import ConfigError
+
 
 class MLP(nn.Module):
     """Dense layers with ReLU; inputs of any shape are flattened per example.
@@ -20,6 +22,11 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            raise ConfigError(
+                "the MLP needs real-valued features, not integer tokens: use --model=transformer "
+                "for --dataset=copy|reverse|sort"
+            )
         x = x.reshape((x.shape[0], -1)).astype(self.dtype)
         for f in self.features:
             x = nn.relu(nn.Dense(f, dtype=self.dtype)(x))
