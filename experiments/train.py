@@ -66,9 +66,7 @@ STRATEGY = {
     "compression": "ring | ps gradient messages: none | bf16 | topk "
     "(largest --topk_ratio of each bucket); both with error feedback.",
     "topk_ratio": "--compression=topk: fraction of each gradient bucket sent, in (0, 1].",
-    "cluster": "Simulated clock (jaxsync.cluster): a preset (datacenter | ethernet | wan) with "
-    "optional overrides, e.g. ethernet:workers=8 or wan:workers=8,devices_per_node=2; logs "
-    "sim_time, the seconds the run would take on that cluster (its workers = --num_devices).",
+    "cluster": cli.CLUSTER_HELP,
     "powersgd_rank": "PowerSGD (Vogels et al. 2019): rank-r gradient matrices with error "
     "feedback and a warm-started Q, two all-reduces per step, any backend (0: off).",
 }

@@ -56,6 +56,7 @@ GAN = {  # GANConfig field -> help; each default is GANConfig's
     "beta1": "Adam β1 for both nets, in [0, 1).",
     "schedule": "Learning-rate schedule: constant | linear | cosine (decay to 0 at --steps).",
     "plot_every": "Save a PNG every this many steps (>= 0; 0: only at the end).",
+    "cluster": cli.CLUSTER_HELP + " A step is one D and one G update.",
 }
 cli.define_fields(GANConfig(), GAN)
 # The command line saves pictures by default; the library (GANConfig.plot_dir "") does not.

@@ -44,6 +44,7 @@ flags.DEFINE_string(
 flags.DEFINE_string("env", "CartPole-v1", "Environment: CartPole-v1 (built in) or a gymnax name.")
 flags.DEFINE_integer("total_steps", 500_000, "Env steps over all devices (>= one update).")
 flags.DEFINE_integer("seeds", 1, "Seeds trained at once with vmap (>= 1).")
+flags.DEFINE_string("cluster", "", cli.CLUSTER_HELP + " A step is a PPO update / DQN iteration.")
 flags.DEFINE_integer("repeats", 1, "Timed runs after compilation; env steps/s is their median.")
 cli.define_rl_hyperparameter_flags()
 cli.define_device_flags(default_devices=1)
@@ -74,9 +75,13 @@ def main(argv):
     names = ("env", "total_steps", "num_devices", "strategy", *shared, *own)
     agent_cfg = runner.agent_config(FLAGS.agent, **{n: FLAGS[n].value for n in names})
     run = cli.run_config_from_flags(RunConfig(steps=0), quiet=False)
-    cfg = RLConfig(FLAGS.agent, agent_cfg, seeds=FLAGS.seeds, repeats=FLAGS.repeats, run=run)
+    cfg = RLConfig(
+        FLAGS.agent, agent_cfg, FLAGS.seeds, FLAGS.repeats, cluster=FLAGS.cluster, run=run
+    )
     summary = runner.train_rl(cfg)
-    print("summary " + " ".join(f"{k}={summary[k]}" for k in SUMMARY))
+    print(
+        "summary " + " ".join(f"{k}={summary[k]}" for k in SUMMARY + ("sim_time",) if k in summary)
+    )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ def define_optim_flags() -> None:
 
 
 # The help of each RunConfig flag; an experiment may say more about its own (define_run_flags).
+CLUSTER_HELP = (  # --cluster of train.py, train_rl.py and train_gan.py
+    "Simulated clock (jaxsync.cluster): a preset (datacenter | ethernet | wan) with optional "
+    "overrides, e.g. ethernet:workers=8 or wan:workers=8,devices_per_node=2; logs sim_time, the "
+    "seconds the run would take on that cluster (its workers = --num_devices)."
+)
 RUN_HELP = {
     "steps": "Training steps (>= 1).",
     "seed": "Seed for data, initialisation and shuffling.",

@@ -16,6 +16,9 @@ The workload is the run's model: float32 parameters of 4·P bytes, and, unless t
 value gives a compute time or FLOPs, 6·P FLOPs per example for the device's share of the batch
 (forward 2·P, backward 4·P; Kaplan et al. 2020) at the cluster's peak × utilisation. The cluster
 must have as many workers as the run has devices: its math is the run's.
+
+The agents have clocks of their own (:func:`for_rl`, :func:`for_gan`): the same cluster, their
+own step (a PPO update, a DQN iteration, a GAN step: one D then one G update) and messages.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax
 
 from jaxsync import ConfigError, compression
 from jaxsync.cluster import cost
+from jaxsync.cluster.events import sync_compute_s
 from jaxsync.cluster.spec import Cluster, parse_cluster
 
 FLOPS_PER_PARAM_PER_EXAMPLE = 6.0  # forward 2·P + backward 4·P (Kaplan et al. 2020)
@@ -62,12 +66,30 @@ def cluster_for_run(text: str, num_devices: int) -> Cluster:
     return c
 
 
-def _workload(c: Cluster, text: str, n_params: int, per_device_batch: int) -> Cluster:
-    """The cluster with the run's model as its workload (see the module docstring)."""
-    given = ("step_time_s", "measured_step_s", "flops_per_step")
-    keep = any(f"{k}=" in text for k in given)
-    flops = c.flops_per_step if keep else FLOPS_PER_PARAM_PER_EXAMPLE * n_params * per_device_batch
+def _compute_given(text: str) -> bool:
+    """Whether the ``--cluster`` value sets the compute itself (then the workload's FLOPs are not
+    used)."""
+    return any(f"{k}=" in text for k in ("step_time_s", "measured_step_s", "flops_per_step"))
+
+
+def _workload(c: Cluster, text: str, n_params: int, flops: float) -> Cluster:
+    """The cluster with the run's model as its workload: ``n_params`` float32 parameters and
+    ``flops`` per worker and step, unless the ``--cluster`` value gives the compute."""
+    flops = c.flops_per_step if _compute_given(text) else flops
     return dataclasses.replace(c, flops_per_step=flops, model_bytes=4.0 * n_params)
+
+
+def _clock(c: Cluster, msgs, seed: int, extra=()) -> Clock:
+    """The clock of cluster ``c`` (its compute every step) with ``(message, offset)`` pairs
+    ``msgs`` and extra periodic ``(seconds, every, offset)`` terms."""
+    every = [m for m, _ in msgs if m.every == 1]
+    per_step = cost.step_time(c, every, seed=seed).step
+    periodic = tuple(
+        (cost.comm_time(c, m.pattern, m.nbytes, **(m.kw or {})), m.every, o)
+        for m, o in msgs
+        if m.every > 1
+    )
+    return Clock(per_step, periodic + tuple(extra))
 
 
 def run_messages(cfg, sizes: list[int], shapes: list[tuple]) -> list[tuple[cost.Message, int]]:
@@ -115,13 +137,79 @@ def for_run(cfg, params) -> Clock | None:
     leaves = jax.tree.leaves(params)
     sizes, shapes = [int(x.size) for x in leaves], [tuple(x.shape) for x in leaves]
     c = cluster_for_run(cfg.cluster, cfg.num_devices)
-    c = _workload(c, cfg.cluster, sum(sizes), cfg.batch_size // cfg.num_devices)
-    msgs = run_messages(cfg, sizes, shapes)
-    every = [m for m, _ in msgs if m.every == 1]
-    per_step = cost.step_time(c, every, seed=cfg.run.seed).step
-    periodic = tuple(
-        (cost.comm_time(c, m.pattern, m.nbytes, **(m.kw or {})), m.every, o)
-        for m, o in msgs
-        if m.every > 1
-    )
-    return Clock(per_step, periodic)
+    flops = FLOPS_PER_PARAM_PER_EXAMPLE * sum(sizes) * (cfg.batch_size // cfg.num_devices)
+    c = _workload(c, cfg.cluster, sum(sizes), flops)
+    return _clock(c, run_messages(cfg, sizes, shapes), cfg.run.seed)
+
+
+def _n_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def _gradient_sync(strategy: str, trees) -> list[cost.Message]:
+    """One all-reduce of each tree's float32 gradient with ``strategy`` (none for ``single``)."""
+    if strategy == "single":
+        return []
+    return [m for t in trees for m in cost.messages("sync", 4.0 * _n_params(t), backend=strategy)]
+
+
+def for_rl(text: str, agent_cfg, params, seed: int = 0) -> Clock | None:
+    """The clock of an RL run (None without ``--cluster``); its step is a PPO update or a DQN
+    iteration, so ``clock(update)`` is the simulated seconds after that many.
+
+    Workload (FLOPs per worker, P = the network's parameters; unless ``--cluster`` gives the
+    compute, then that is the time of one update / iteration, learning included):
+
+    - PPO: E envs × T steps of acting (2·P each, the forward pass) and ``update_epochs`` passes
+      of the same E·T samples through forward and backward (6·P each); messages: one gradient
+      all-reduce per minibatch step, ``update_epochs × num_minibatches`` per update.
+    - DQN: E env steps of acting (2·P each) every iteration; every ``train_frequency`` env steps
+      after ``learning_starts`` a gradient step on a batch of B (6·P per example, plus 2·P per
+      example for the target network's forward, 4·P with Double DQN) and one gradient
+      all-reduce, counted at the iterations that run it.
+
+    Not counted: the environments (CartPole's step is a few dozen FLOPs) and the small metric
+    reductions of every update (a few floats).
+    """
+    if not text:
+        return None
+    n, p, strategy = agent_cfg.num_devices, _n_params(params), agent_cfg.strategy
+    grads = _gradient_sync(strategy, [params])
+    c = cluster_for_run(text, n)
+    if hasattr(agent_cfg, "update_epochs"):  # PPO
+        samples = agent_cfg.num_envs * agent_cfg.num_steps
+        flops = samples * (2 * p + agent_cfg.update_epochs * 6 * p)
+        msgs = [(m, 0) for m in grads] * agent_cfg.opt_steps_per_update
+        return _clock(_workload(c, text, p, flops), msgs, seed)
+    acting = _workload(c, text, p, agent_cfg.num_envs * 2.0 * p)
+    learn_flops = agent_cfg.batch_size * (6 + (4 if agent_cfg.double_dqn else 2)) * p
+    learn_s = sum(cost.comm_time(acting, m.pattern, m.nbytes) for m in grads)
+    if not _compute_given(text):
+        learn_s += sync_compute_s(
+            dataclasses.replace(acting, flops_per_step=learn_flops), seed=seed
+        )
+    # Iteration it (0-based) learns when (it + 1)·spi > learning_starts and it % every == 0: after
+    # the steps t = it + 1 ≡ 1 (mod every), from the first t past learning_starts / spi.
+    spi = agent_cfg.steps_per_iter
+    every = max(agent_cfg.train_frequency // spi, 1)
+    first = agent_cfg.learning_starts // spi + 1
+    first += (1 - first) % every
+    return _clock(acting, [], seed, extra=((learn_s, every, first),))
+
+
+def for_gan(text: str, cfg, num_devices: int, g_params, d_params, pac: int = 1) -> Clock | None:
+    """The clock of a GAN run (None without ``--cluster``) on ``num_devices`` workers: a step is
+    one D update and one G update, each with its own gradient all-reduce (P_D and P_G
+    parameters). Workload per worker on its b = batch / N examples, which D sees as b / pac
+    packed ones (PacGAN): the D update runs G forward (2·P_G) and D forward and backward on real
+    and fake (2 × 6·P_D); the G update runs G and D forward and backward (6·P_G + 6·P_D):
+    b·8·P_G + (b / pac)·18·P_D FLOPs. The remedies' extra passes (R1's gradient penalty,
+    unrolled D steps) are not counted: give ``step_time_s`` for them."""
+    if not text:
+        return None
+    pg, pd = _n_params(g_params), _n_params(d_params)
+    c = cluster_for_run(text, num_devices)
+    b = cfg.batch_size // num_devices
+    flops = b * 8.0 * pg + (b // pac) * 18.0 * pd
+    msgs = [(m, 0) for m in _gradient_sync(cfg.strategy, [d_params, g_params])]
+    return _clock(_workload(c, text, pg + pd, flops), msgs, cfg.run.seed)

@@ -5,18 +5,26 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from broken_backends import SKEWED
 
 from jaxsync import ConfigError, sync
-from jaxsync.agents.gan.train import GANConfig, chunk_boundaries, train_gan
+from jaxsync.agents.gan import gan
+from jaxsync.agents.gan.train import GANConfig, chunk_boundaries, make_parts, train_gan
 from jaxsync.benchmarks import gan as benchmark
 from jaxsync.replicas import ReplicaDivergence
 from jaxsync.runs import make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(steps=20, batch_size=32, width=16, log_every=10, eval_samples=200, quiet=True)
+
+
+def _nets(cfg):
+    """The run's two networks' parameters (one device)."""
+    state = gan.make_gan_trainer(make_parts(cfg), "single", 1).init(jax.random.key(0))
+    return {"g": state.g_params, "d": state.d_params}
 
 
 def _read(path):
@@ -34,10 +42,17 @@ def test_ring8_run_writes_metrics_summary_and_pictures(tmp_path):
         plot_dir=str(tmp_path / "png"),
         metrics_file=str(tmp_path / "m.jsonl"),
         check_replicas=10,
+        cluster="ethernet:workers=2,straggler_fraction=0,step_time_s=0.01",
         **TINY,
     )
     summary = train_gan(cfg)
     lines = _read(tmp_path / "m.jsonl")
+    # 10 ms a step, then one ring all-reduce of each network: 2 × (α + S / (2β)) each.
+    n = {k: 4.0 * sum(x.size for x in jax.tree.leaves(p)) for k, p in _nets(cfg).items()}
+    ring = sum(2 * (30e-6 + s / (2 * 25e9 / 8)) for s in n.values())
+    assert [r["sim_time"] for r in lines] == pytest.approx(
+        [(0.01 + ring) * s for s in (10, 20, 20)]
+    )
     assert [r["step"] for r in lines[:-1]] == [10, 20]
     assert lines[-1]["summary"] and lines[-1]["num_devices"] == 2
     assert summary["replica_checks"] == 2  # at step 10 and at the end; both passed

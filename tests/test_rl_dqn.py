@@ -125,7 +125,13 @@ def test_tiny_dqn_run_writes_jsonl_and_summary(tmp_path, monkeypatch):
         runner.Seeds, "check_replicas", lambda self, s: checks.append(1) or real(self, s)
     )
     run = make(
-        runner.RLConfig, agent="dqn", agent_cfg=cfg, seeds=2, log_every=500, metrics_file=str(path)
+        runner.RLConfig,
+        agent="dqn",
+        agent_cfg=cfg,
+        seeds=2,
+        log_every=500,
+        metrics_file=str(path),
+        cluster="ethernet:workers=1,straggler_fraction=0,step_time_s=0.01",  # 10 ms an iteration
     )
     summary = runner.train_rl(replace(run, check_replicas=250))
     assert len(checks) == 2  # after iterations 250 and 500
@@ -134,6 +140,8 @@ def test_tiny_dqn_run_writes_jsonl_and_summary(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["env_steps"] for r in lines[:-1]] == [4, 504, 1004, 1504, 2000]
     assert lines[-1]["summary"] and lines[-1]["env_steps"] == 2000
+    # One device: no messages, so the simulated clock is 10 ms per iteration (4 env steps).
+    assert [r["sim_time"] for r in lines] == pytest.approx([r["env_steps"] / 400 for r in lines])
     assert len(summary["final_mean_return_per_seed"]) == 2
     assert all(8 <= r <= 500 for r in summary["final_mean_return_per_seed"])
     assert summary["env_steps_per_s"] > 0 and np.isfinite(summary["param_checksum"])

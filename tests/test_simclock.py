@@ -1,11 +1,13 @@
-"""The simulated clock of a supervised run (jaxsync/simclock.py): sim_time after each step is the
-cluster's compute plus the α–β time of the messages the run's sync method sends, periodic ones
-at the steps they run, checked against hand computations."""
+"""The simulated clock (jaxsync/simclock.py) of a supervised run and of the agents: sim_time
+after each step is the cluster's compute plus the α–β time of the messages the run's sync method
+sends, periodic ones at the steps they run, checked against hand computations."""
 
 import numpy as np
 import pytest
 
 from jaxsync import ConfigError, simclock
+from jaxsync.agents.gan.train import GANConfig, train_gan
+from jaxsync.agents.rl import dqn, ppo, runner
 from jaxsync.runs import make
 from jaxsync.train import TrainConfig, train_and_evaluate
 
@@ -13,7 +15,9 @@ from jaxsync.train import TrainConfig, train_and_evaluate
 ALPHA, BETA, COMPUTE = 30e-6, 25e9 / 8, 0.01
 CLUSTER = "ethernet:workers=4,straggler_fraction=0,step_time_s=0.01"
 PARAMS = {"w": np.zeros((64, 16), np.float32), "b": np.zeros(16, np.float32)}
-S = 4.0 * (64 * 16 + 16)  # float32 bytes per device
+P = 64 * 16 + 16
+S = 4.0 * P  # float32 bytes per device
+PEAK = 312e12 * 0.4  # the preset's FLOP/s × utilisation
 
 
 def _ring(s, n=4):  # 2(N−1)(α + S/(Nβ)), Thakur et al. 2005
@@ -100,3 +104,52 @@ def test_train_logs_sim_time_and_bad_clusters_are_one_line():
             train_and_evaluate(make(TrainConfig, num_devices=4, cluster=text))
     with pytest.raises(ConfigError, match="--cluster needs a data-parallel --strategy"):
         train_and_evaluate(make(TrainConfig, strategy="single", cluster=CLUSTER))
+
+
+def test_ppo_update_costs_its_samples_and_one_all_reduce_per_minibatch():
+    """A PPO update: 2 epochs × 2 minibatches = 4 ring all-reduces; without a compute time,
+    E·T samples of acting (2·P) and 2 epochs of forward + backward (6·P) each."""
+    agent = ppo.PPOConfig(num_devices=4, strategy="ring", update_epochs=2, num_minibatches=2)
+    clock = simclock.for_rl(CLUSTER, agent, PARAMS)
+    assert clock(3) == pytest.approx(3 * (COMPUTE + 4 * _ring(S)), rel=1e-9)
+    flops = simclock.for_rl("ethernet:workers=4,straggler_fraction=0", agent, PARAMS)
+    compute = agent.num_envs * agent.num_steps * (2 + 2 * 6) * P / PEAK
+    assert flops(1) == pytest.approx(compute + 4 * _ring(S), rel=1e-9)
+    assert simclock.for_rl("", agent, PARAMS) is None
+
+
+def test_dqn_pays_its_gradient_step_only_at_the_iterations_that_learn():
+    """8 env steps per iteration, learning every 16 env steps after 20: iterations 3, 5, 7, ...
+    (1-based) run a gradient step (Double DQN: 6·P + 4·P per example of the batch) and a ring."""
+    agent = dqn.DQNConfig(
+        num_devices=4,
+        strategy="ring",
+        num_envs=2,
+        train_frequency=16,
+        learning_starts=20,
+        batch_size=8,
+        double_dqn=True,
+    )
+    clock = simclock.for_rl(CLUSTER, agent, PARAMS)
+    want = [COMPUTE * t + _ring(S) * n for t, n in ((2, 0), (3, 1), (4, 1), (5, 2), (7, 3))]
+    assert [clock(t) for t in (2, 3, 4, 5, 7)] == pytest.approx(want, rel=1e-9)
+    flops = simclock.for_rl("ethernet:workers=4,straggler_fraction=0", agent, PARAMS)
+    act, learn = 2 * 2 * P / PEAK, 8 * 10 * P / PEAK
+    assert flops(3) == pytest.approx(3 * act + learn + _ring(S), rel=1e-9)
+
+
+def test_gan_step_all_reduces_both_networks():
+    g, d = PARAMS, {"w": np.zeros((16, 4), np.float32)}
+    cfg = make(GANConfig, strategy="ring", num_devices=4, batch_size=32)
+    clock = simclock.for_gan(CLUSTER, cfg, 4, g, d, pac=2)
+    assert clock(2) == pytest.approx(2 * (COMPUTE + _ring(S) + _ring(4 * 64)), rel=1e-9)
+    flops = simclock.for_gan("ethernet:workers=4,straggler_fraction=0", cfg, 4, g, d, pac=2)
+    compute = (8 * 8 * P + 4 * 18 * 64) / PEAK  # b = 8 examples, 4 packed pairs for D
+    assert flops(1) == pytest.approx(compute + _ring(S) + _ring(4 * 64), rel=1e-9)
+
+
+def test_agents_reject_a_bad_cluster_in_one_line():
+    with pytest.raises(ConfigError, match="has 4 workers but the run has --num_devices=1"):
+        runner.train_rl(make(runner.RLConfig, agent_cfg=ppo.PPOConfig(), cluster=CLUSTER))
+    with pytest.raises(ConfigError, match="has 4 workers but the run has --num_devices=2"):
+        train_gan(make(GANConfig, num_devices=2, cluster=CLUSTER))

@@ -26,7 +26,7 @@ import os
 import jax
 import numpy as np
 
-from jaxsync import ConfigError, check_at_least, loop, optim, runs
+from jaxsync import ConfigError, check_at_least, loop, optim, runs, simclock
 from jaxsync.agents.gan import data, gan, metrics, nets, plots
 from jaxsync.metrics import median_ms, to_python
 from jaxsync.parallel.common import param_checksum
@@ -70,6 +70,7 @@ class GANConfig:
     plot_every: int = 0  # 0: only the final picture
     plot_dir: str = ""  # "" : no pictures
     eval_samples: int = metrics.NUM_EVAL_SAMPLES
+    cluster: str = ""  # simulated clock (jaxsync.simclock.for_gan): a cluster preset; "" off
     # Steps (one D then one G update each), seed, logging, checkpoints, the guard (nan_at_steps:
     # these steps get a NaN latent), TensorBoard, replica check.
     run: runs.RunConfig = runs.RunConfig(steps=3000, log_every=500)
@@ -100,6 +101,8 @@ def validate(cfg: GANConfig) -> None:
         raise ConfigError(f"--beta1 must be in [0, 1), got {cfg.beta1}")
     n = 1 if cfg.strategy == "single" else cfg.num_devices
     pac = cfg.pac if "pac" in chosen else 1
+    if cfg.cluster:
+        simclock.cluster_for_run(cfg.cluster, n)
     if cfg.batch_size % (n * pac):
         raise ConfigError(
             f"--batch_size={cfg.batch_size} must be divisible by devices × pac = {n} × {pac}"
@@ -242,6 +245,12 @@ def _job(cfg: GANConfig) -> loop.Job:
     score = make_scorer(cfg, parts.data)
     samplers = []  # the jitted sampler, built on first use around the run's (restored) eval key
     shown = {}  # step -> its progress line: the window means and the headline scores
+    state0 = trainer.init(init_key)
+    pac = cfg.pac if "pac" in remedies(cfg.remedy) else 1
+    sim = simclock.for_gan(
+        cfg.cluster, cfg, trainer.num_devices, state0.g_params, state0.d_params, pac
+    )
+    timed = (lambda step: {"sim_time": sim(step)}) if sim is not None else (lambda step: {})
 
     def advance(tree, inputs, first, n):
         state, chunk = jax.block_until_ready(trainer.run(tree["state"], tree["data"], n))
@@ -261,7 +270,9 @@ def _job(cfg: GANConfig) -> loop.Job:
         total = chunk["guard"]["nonfinite_total"]
         if stop is not None:
             step = first + stop + 1
-            return [{"step": step, **chunk["means"], "nonfinite_steps": total[stop]}], host
+            return [
+                {"step": step, **chunk["means"], "nonfinite_steps": total[stop], **timed(step)}
+            ], host
         host, step = dict(host), first + n
         host["window"] = _accumulate(host["window"], chunk["means"], n)
         host["nonfinite_steps"] = total[-1]
@@ -278,7 +289,15 @@ def _job(cfg: GANConfig) -> loop.Job:
             window = host["window"]
             means = {k: v / window["count"] for k, v in window["sums"].items()}
             host["window"] = {"count": 0, "sums": {}}
-            records.append({"step": step, **means, "nonfinite_steps": total[-1], **host["scores"]})
+            records.append(
+                {
+                    "step": step,
+                    **means,
+                    "nonfinite_steps": total[-1],
+                    **host["scores"],
+                    **timed(step),
+                }
+            )
             shown[step] = {**means, **_headline(host["scores"])}
         if plotting:
             save_picture(cfg, parts.data, samples, step)
@@ -286,10 +305,11 @@ def _job(cfg: GANConfig) -> loop.Job:
 
     def summary(tree, host, times):
         counts = {k: host[k] for k in ("nonfinite_steps", "replica_checks")}
-        return _summary(cfg, trainer, tree["state"], host["scores"], counts, times)
+        out = _summary(cfg, trainer, tree["state"], host["scores"], counts, times)
+        return {**out, **timed(cfg.run.steps)}
 
     return loop.Job(
-        tree={"state": trainer.init(init_key), "data": data_key, "eval": eval_key},
+        tree={"state": state0, "data": data_key, "eval": eval_key},
         host={
             "scores": {},
             "window": {"count": 0, "sums": {}},

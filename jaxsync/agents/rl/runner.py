@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsync import ConfigError, loop, runs
+from jaxsync import ConfigError, loop, runs, simclock
 from jaxsync.agents.rl import dqn, ppo
 from jaxsync.metrics import to_python
 from jaxsync.parallel.common import param_checksum
@@ -54,6 +54,7 @@ class RLConfig:
     agent_cfg: Any = None
     seeds: int = 1
     repeats: int = 1  # timed runs; steps/s is their median
+    cluster: str = ""  # simulated clock (jaxsync.simclock.for_rl): a cluster preset; "" off
     # log_every: env steps between JSONL records; the guard off by default, as in the agents
     # (it changes XLA's fusion, so rounding); train_rl.py's flags default to RunConfig's 10.
     run: runs.RunConfig = runs.RunConfig(steps=0, log_every=10_000, quiet=True, max_nonfinite=0)
@@ -171,6 +172,8 @@ def validate(cfg: RLConfig) -> None:
                 raise ConfigError(f"--repeats > 1 reruns whole trainings; it cannot use --{flag}")
     if cfg.agent not in AGENTS:
         raise ConfigError(f"unknown agent {cfg.agent!r}; choose from {sorted(AGENTS)}")
+    if cfg.cluster:
+        simclock.cluster_for_run(cfg.cluster, cfg.agent_cfg.num_devices)
 
 
 def train_rl(cfg: RLConfig) -> dict:
@@ -212,9 +215,10 @@ def _accumulate(host: dict, metrics, upto: int, threshold: float = SOLVED_RETURN
             host["solved_at"][s] = int(steps[hit[0]])
 
 
-def _records(cfg, host, chunk, first, upto, force) -> list[dict]:
+def _records(cfg, host, chunk, first, upto, force, sim=None) -> list[dict]:
     """Records of updates ``first+1 … first+upto+1``: every ``log_every`` env steps since the last
-    record, and the last one when ``force`` (the run's last update, or the one that stopped it)."""
+    record, and the last one when ``force`` (the run's last update, or the one that stopped it);
+    with a simulated clock ``sim``, each record's ``sim_time`` (seconds after its update)."""
     metrics, out = chunk["metrics"], []
     for i in range(upto + 1):
         env_steps = int(metrics["env_steps"][0, i])
@@ -222,6 +226,8 @@ def _records(cfg, host, chunk, first, upto, force) -> list[dict]:
             continue
         host["last_logged"] = env_steps
         host["record"] = _record(metrics, i, first + i + 1, chunk["rate"])
+        if sim is not None:
+            host["record"]["sim_time"] = sim(first + i + 1)
         out.append(host["record"])
     return out
 
@@ -240,6 +246,8 @@ def _job(cfg: RLConfig, agent_cfg, total: int) -> loop.Job:
     spu, limit = steps_per_update(agent_cfg), nonfinite_limit(agent_cfg)
     per_run = 1 if seeds.vmapped else cfg.seeds  # seeds one after another share the seconds
     clock = {"start": None, "run_s": 0.0, "rate": float("nan")}  # this process's, not carried
+    state0 = seeds.init()
+    sim = simclock.for_rl(cfg.cluster, agent_cfg, seeds.params0(state0), cfg.run.seed)
 
     def advance(tree, inputs, first, n):
         clock["start"] = first if clock["start"] is None else clock["start"]
@@ -251,7 +259,8 @@ def _job(cfg: RLConfig, agent_cfg, total: int) -> loop.Job:
     def log(tree, chunk, host, first, n, stop, times):
         host = {k: list(v) if isinstance(v, list) else v for k, v in host.items()}
         upto = n - 1 if stop is None else stop
-        records = _records(cfg, host, chunk, first, upto, stop is not None or first + n == total)
+        last = stop is not None or first + n == total
+        records = _records(cfg, host, chunk, first, upto, last, sim)
         _accumulate(host, chunk["metrics"], upto)
         return records, host
 
@@ -261,12 +270,13 @@ def _job(cfg: RLConfig, agent_cfg, total: int) -> loop.Job:
             again = [seeds.run(seeds.init(), 0, total)[2] for _ in range(1, cfg.repeats)]
             run_s = float(np.median([run_s, *again]))
             rate = total * spu * per_run / run_s
-        return _summary(cfg, agent_cfg, seeds, tree["state"], host, total * spu, run_s, rate)
+        out = _summary(cfg, agent_cfg, seeds, tree["state"], host, total * spu, run_s, rate)
+        return out if sim is None else {**out, "sim_time": sim(total)}
 
     none = [None] * cfg.seeds
     host = {"record": {}, "last_logged": -cfg.run.log_every, "final": none, "best": none}
     return loop.Job(
-        tree={"state": seeds.init()},
+        tree={"state": state0},
         host={**host, "solved_at": none},
         advance=advance,
         stop_at=lambda chunk: _first_stop(limit, chunk["metrics"]),
