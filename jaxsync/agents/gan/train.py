@@ -80,6 +80,11 @@ class GANConfig:
         return self.latent_dim or (32 if self.dataset == "digits" else 2)
 
     @property
+    def pac_degree(self) -> int:
+        """PacGAN's packing when the remedy includes pac, else 1."""
+        return self.pac if "pac" in remedies(self.remedy) else 1
+
+    @property
     def net_width(self) -> int:
         return self.width or (32 if self.net == "conv" else 128)
 
@@ -89,7 +94,7 @@ def validate(cfg: GANConfig) -> None:
     if cfg.dataset not in data.DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose from {sorted(data.DATASETS)}")
     gan.check_strategy(cfg.strategy)
-    chosen = remedies(cfg.remedy)
+    remedies(cfg.remedy)  # ConfigError on an unknown remedy
     runs.validate(cfg.run)
     check_at_least(
         cfg, ("batch_size", "num_devices", "pac", "unroll_steps", "eval_samples", "d_depth"), 1
@@ -100,7 +105,7 @@ def validate(cfg: GANConfig) -> None:
     if not 0 <= cfg.beta1 < 1:
         raise ConfigError(f"--beta1 must be in [0, 1), got {cfg.beta1}")
     n = 1 if cfg.strategy == "single" else cfg.num_devices
-    pac = cfg.pac if "pac" in chosen else 1
+    pac = cfg.pac_degree
     if cfg.cluster:
         simclock.cluster_for_run(cfg.cluster, n)
     if cfg.batch_size % (n * pac):
@@ -139,7 +144,7 @@ def make_parts(cfg: GANConfig) -> gan.GANParts:
         make_tx(cfg, cfg.d_lr),
         cfg.batch_size,
         cfg.z_dim,
-        pac=cfg.pac if "pac" in chosen else 1,
+        pac=cfg.pac_degree,
         r1_gamma=cfg.r1_gamma if "r1" in chosen else 0.0,
         unroll=cfg.unroll_steps if "unroll" in chosen else 0,
         nan_at_steps=tuple(cfg.run.nan_at_steps),
@@ -246,9 +251,8 @@ def _job(cfg: GANConfig) -> loop.Job:
     samplers = []  # the jitted sampler, built on first use around the run's (restored) eval key
     shown = {}  # step -> its progress line: the window means and the headline scores
     state0 = trainer.init(init_key)
-    pac = cfg.pac if "pac" in remedies(cfg.remedy) else 1
     sim = simclock.for_gan(
-        cfg.cluster, cfg, trainer.num_devices, state0.g_params, state0.d_params, pac
+        cfg.cluster, cfg, trainer.num_devices, state0.g_params, state0.d_params, cfg.pac_degree
     )
     timed = (lambda step: {"sim_time": sim(step)}) if sim is not None else (lambda step: {})
 
