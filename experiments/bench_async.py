@@ -12,7 +12,9 @@ Same model, data and batches for every run (2-layer MLP, width 32, teacher task,
    simulated time;
 3. real threads (1 vs 4 workers, ``fifo`` vs ``none`` lock, a 4× straggler, SSP s = 1, and
    asynchronous EASGD at τ ∈ {1, 4}, fifo and lock-free, Zhang et al. 2015): measured
-   staleness, pushes/s, lost updates.
+   staleness, pushes/s, lost updates;
+4. scaling of the threaded server: pushes/s for 1, 2, 4 and 8 workers, ``fifo`` and ``none``, on
+   a compute-bound gradient, beside the gradients/s of the same threads without a server.
 Prints markdown tables and writes ``<out>/bench_async.json`` and ``<out>/bench_async.png``.
 """
 
@@ -40,6 +42,7 @@ def main(argv):
     runs = bench.run_convergence(steps, FLAGS.lr)
     rows, target, common = bench.report_rows(runs)
     threads = bench.run_threads(steps, FLAGS.lr)
+    scaling = bench.run_scaling(pushes=64 if FLAGS.quick else 160)
     os.makedirs(FLAGS.out, exist_ok=True)
     png = os.path.join(FLAGS.out, "bench_async.png")
     bench.plot(runs, png)
@@ -52,6 +55,12 @@ def main(argv):
                 "common_sim_time": common,
                 "rows": rows,
                 "threads": threads,
+                "scaling": scaling,
+                "scaling_model": {
+                    "width": bench.SCALING_WIDTH,
+                    "depth": bench.SCALING_DEPTH,
+                    "batch": bench.SCALING_BATCH,
+                },
                 "curves": {k: r for k, (_, r) in runs.items()},
             },
             f,
@@ -64,6 +73,12 @@ def main(argv):
     print(bench.markdown(rows))
     print()
     print(bench.markdown(threads))
+    print(
+        f"\nThreaded server scaling: a {bench.SCALING_DEPTH}-layer tanh network of width "
+        f"{bench.SCALING_WIDTH}, batch {bench.SCALING_BATCH}, SGD; pushes/s are medians of 3 "
+        "runs (measured); lost updates and CAS retries are counted\n"
+    )
+    print(bench.markdown(scaling))
     print(f"\nwrote {FLAGS.out}/bench_async.json and {png}")
 
 

@@ -1,5 +1,6 @@
-"""Threaded parameter server and lock service: FIFO grants in ticket order, no lost updates with a
-lock, failed or hung workers reported while the run completes. Every wait here is bounded."""
+"""Threaded parameter server and lock service: FIFO grants in ticket order, no lost updates with
+the lock or lock-free (compare-and-swap), failed or hung workers reported while the run completes.
+Every wait here is bounded."""
 
 import threading
 import time
@@ -10,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsync.async_ps.lock import LockService, LockTimeout
+from jaxsync.async_ps.lock import LockService, LockTimeout, SharedState
 from jaxsync.async_ps.server import ThreadsConfig, run_threads
 
 LR = 0.125  # a power of two: the constant-gradient sums below are exact in float32
@@ -111,12 +112,41 @@ def test_n_push_and_staleness_aware_lr_scales_the_adam_step():
     np.testing.assert_allclose(np.asarray(res.params["w"]), expect, rtol=1e-5)
 
 
-def test_lock_free_run_completes_and_counts_pushes():
+def test_lock_free_run_loses_no_update():
     cfg = ThreadsConfig(num_workers=4, total_pushes=80, lock="none", timeout_s=30.0)
     res = run_threads(cfg, _params(), optax.sgd(LR), _constant_grad_loss, _get_batch, jax.devices())
     assert res.failures == {} and len(res.log) == 80
-    assert 1 <= res.version <= 80  # overwritten (lost) updates are allowed without a lock
-    assert np.asarray(res.params["w"])[0] == -LR * res.version
+    assert res.version == 80  # compare-and-swap: a racing push is recomputed, not lost
+    np.testing.assert_array_equal(np.asarray(res.params["w"]), -LR * 80)
+    assert [r.version for r in res.log] == list(range(80))  # logged in commit order
+    assert all(r.staleness == r.version - r.pulled >= 0 for r in res.log)
+
+
+def test_compare_and_swap_recomputes_an_update_that_lost_the_race():
+    """Two clients read the same value; the one that commits second recomputes from the first
+    one's result, so the counter counts both (a plain read-modify-write would count one)."""
+    state = SharedState(0, LockService("none"))
+    both_read = threading.Barrier(2)
+    calls = []
+
+    def bump(value):
+        calls.append(value)
+        if len(calls) <= 2:
+            both_read.wait(5.0)  # both first attempts read 0 before either commits
+        return value + 1, value
+
+    commits = []
+    threads = [
+        threading.Thread(target=lambda c=c: commits.append(state.update(c, bump))) for c in (0, 1)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5.0)
+    assert state.read() == 2
+    assert sorted(c.retries for c in commits) == [0, 1]
+    assert sorted(c.out for c in commits) == [0, 1]  # the retry read the first commit's value
+    assert sorted(calls) == [0, 0, 1]
 
 
 def test_failed_worker_is_reported_and_run_completes():

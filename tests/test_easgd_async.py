@@ -1,5 +1,5 @@
 """Asynchronous EASGD on the threaded server (Zhang, Choromanska & LeCun 2015, Algorithm 2): with
-η = 0 only elastic moves happen, and under the fifo lock Σ_i x_i + x̃ is conserved while the
+η = 0 only elastic moves happen, and under either lock Σ_i x_i + x̃ is conserved while the
 workers and the center are pulled together; one worker follows the algorithm's update by hand
 (the gradient taken before the elastic move, an exchange every τ steps); a training run lowers
 the loss and reports the center; bad flags are one clear error."""
@@ -30,12 +30,13 @@ def _get_batch(i):
     return np.full((2, 3), 0.25 * (i % 4), np.float32), np.zeros((2,), np.int32)
 
 
-def test_lr_zero_conserves_the_sum_of_workers_and_center_under_fifo():
+@pytest.mark.parametrize("lock", ["fifo", "none"])  # none: no exchange is lost either
+def test_lr_zero_conserves_the_sum_of_workers_and_center(lock):
     n, steps, period = 4, 240, 3
     center = {"w": jnp.zeros((5,), jnp.float32)}
     starts = [{"w": jnp.linspace(-1.0, 1.0, 5) * (w + 1) + w} for w in range(n)]
     cfg = ElasticConfig(
-        num_workers=n, total_steps=steps, alpha=0.2, period=period, lock="fifo", timeout_s=60.0
+        num_workers=n, total_steps=steps, alpha=0.2, period=period, lock=lock, timeout_s=60.0
     )
     res = run_elastic(cfg, center, optax.sgd(0.0), _quadratic, _get_batch, jax.devices(), starts)
     assert res.failures == {} and len(res.log) == steps

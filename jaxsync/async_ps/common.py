@@ -110,8 +110,6 @@ def validate(cfg: AsyncConfig) -> None:
                 f"--num_workers={n} exceeds the {have} available devices in threads mode "
                 f"(one device per worker); emulate more with --cpu_devices={n}"
             )
-        if cfg.lock == "none" and cfg.staleness.n_push > 1:
-            raise ConfigError("--n_push > 1 needs --lock=fifo (the pending pushes are shared)")
         _reject_checkpoint_options(cfg)
     optim.validate(cfg.optim)
 

@@ -14,12 +14,13 @@ with local clock t_i, moving rate α and communication period τ, loops:
     x_i ← x_i − η ∇f(x; ξ_{t_i})           the gradient is taken at x, before the elastic move
     t_i ← t_i + 1
 
-The read of x̃ and the write of x̃ + d happen inside one lock-service grant (:mod:`.lock`): under
-``fifo`` the exchanges are serialised, so every elastic move leaves Σ_i x_i + x̃ unchanged — the
-paper's invariant (tested with η = 0). Under ``none`` two workers may read the same x̃ and the
-later write wins: that exchange's d is lost from the center (``lost`` in the summary) and the
-invariant breaks. The model the run evaluates and reports is the center x̃. Any optax optimizer
-takes the local step (the paper's is plain SGD; its EAMSGD adds momentum).
+The read of x̃ and the write of x̃ + d are one update of a
+:class:`~jaxsync.async_ps.lock.SharedState`: under ``fifo`` inside a lock-service grant, under
+``none`` without a lock, committed by compare-and-swap and recomputed from the newer x̃ when
+another worker's exchange committed first. Either way no exchange is lost and every elastic move
+leaves Σ_i x_i + x̃ unchanged — the paper's invariant (tested with η = 0). The model the run
+evaluates and reports is the center x̃. Any optax optimizer takes the local step (the paper's is
+plain SGD; its EAMSGD adds momentum).
 
 Records: one :class:`ElasticRecord` per local step; ``staleness`` of an exchange is the number of
 other workers' exchanges the center took since this worker's previous one (how far the center
@@ -36,8 +37,8 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxsync.async_ps.lock import LockService
-from jaxsync.async_ps.server import _BatchCounter, run_workers
+from jaxsync.async_ps.lock import LockService, SharedState
+from jaxsync.async_ps.server import _BatchCounter, run_workers, server_device
 from jaxsync.sync.base import apply_optimizer
 
 
@@ -52,6 +53,7 @@ class ElasticRecord(NamedTuple):
     lock_wait_s: float
     loss: float
     time_s: float  # since the run started
+    retries: int = 0  # the exchange's recomputations after a lost compare-and-swap (``none``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,7 @@ class ElasticConfig:
 
 class ElasticResult(NamedTuple):
     center: Any
-    version: int  # exchanges the center kept (fewer than made, if some were lost)
+    version: int  # exchanges the center applied (all of them: none is lost under either lock)
     exchanges: int  # exchanges made
     workers: list  # each worker's last x_i
     log: list[ElasticRecord]
@@ -80,11 +82,12 @@ class ElasticResult(NamedTuple):
 
 
 class CenterServer:
-    """Holds x̃ on one device; ``exchange`` is the elastic step, inside a lock grant."""
+    """Holds x̃ on one device; ``exchange`` is the elastic step, one update of the shared
+    ``(x̃, version)``."""
 
     def __init__(self, center, alpha: float, device, lock: LockService):
-        self.device, self.lock = device, lock
-        self._snapshot = (jax.device_put(center, device), 0)
+        self.device = device
+        self._state = SharedState((jax.device_put(center, device), 0), lock)
 
         def elastic(x, c):
             d = jax.tree.map(lambda x, c: alpha * (x - c), x, c)
@@ -92,22 +95,31 @@ class CenterServer:
 
         self._elastic = jax.jit(elastic)
 
+    @property
+    def lock(self) -> LockService:
+        return self._state.lock
+
     def warm_up(self) -> None:
-        center, _ = self._snapshot
+        center, _ = self._state.read()
         jax.block_until_ready(self._elastic(center, center))
 
     def pull(self):
         """``(x̃, version)``."""
-        return self._snapshot
+        return self._state.read()
 
     def exchange(self, worker: int, x, timeout_s: float | None = None):
-        """``(d, version read, lock wait)``: d = α(x − x̃) and x̃ ← x̃ + d, in one grant."""
+        """``(d, version read, lock wait, retries)``: d = α(x − x̃) and x̃ ← x̃ + d, as one
+        update."""
         x = jax.device_put(x, self.device)
-        with self.lock.hold(worker, timeout_s) as wait_s:
-            center, version = self._snapshot
+
+        def step(state):
+            center, version = state
             d, center = self._elastic(x, center)
-            self._snapshot = (jax.block_until_ready(center), version + 1)
-        return d, version, wait_s
+            return (center, version + 1), d
+
+        commit = self._state.update(worker, step, timeout_s)
+        jax.block_until_ready(commit.wrote[0])
+        return commit.out, commit.read[1], commit.wait_s, commit.retries
 
 
 def run_elastic(
@@ -119,7 +131,8 @@ def run_elastic(
     devices,
     worker_init: list | None = None,
 ) -> ElasticResult:
-    """Asynchronous EASGD with ``cfg.num_workers`` threads on ``devices[i]``; x̃ on ``devices[0]``.
+    """Asynchronous EASGD with ``cfg.num_workers`` threads on ``devices[i]``; x̃ on a device of its
+    own where there is one (:func:`~jaxsync.async_ps.server.server_device`).
 
     Args:
       params: the center's initial x̃ (and every worker's x_i, unless ``worker_init``).
@@ -129,7 +142,7 @@ def run_elastic(
       worker_init: optional starting x_i per worker (tests: workers away from the center).
     """
     lock = LockService(cfg.lock, cfg.timeout_s)
-    server = CenterServer(params, cfg.alpha, devices[0], lock)
+    server = CenterServer(params, cfg.alpha, server_device(devices, cfg.num_workers), lock)
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     apply_fn = jax.jit(lambda g, s, x: apply_optimizer(tx, g, s, x))
     move = jax.jit(lambda x, d: jax.tree.map(lambda x, d: x - d, x, d))
@@ -160,17 +173,16 @@ def run_elastic(
                 time.sleep((slowdown - 1.0) * (time.perf_counter() - start))
             if wid == cfg.fail_worker and steps >= cfg.fail_after:
                 raise RuntimeError(f"injected failure after {steps} steps")
-            version, stale, wait_s = -1, 0, 0.0
+            version, stale, wait_s, retries = -1, 0, 0.0, 0
             if steps % cfg.period == 0:
-                d, version, wait_s = server.exchange(wid, x, cfg.timeout_s)
+                d, version, wait_s, retries = server.exchange(wid, x, cfg.timeout_s)
                 x = move(x, jax.device_put(d, dev))
                 stale, seen = version - seen, version + 1
             x, opt_state = apply_fn(g, opt_state, x)
             states[wid] = (x, opt_state)
             steps += 1
-            record = ElasticRecord(
-                wid, index, version, stale, wait_s, float(loss), time.perf_counter() - t0[0]
-            )
+            now = time.perf_counter() - t0[0]
+            record = ElasticRecord(wid, index, version, stale, wait_s, float(loss), now, retries)
             with log_lock:
                 log.append(record)
 

@@ -5,9 +5,11 @@ policy says so, the client uses the resource and releases it). Policies (``LOCK_
 
 - ``fifo``: a ticket lock — requests are numbered on arrival and granted strictly in ticket order,
   so no worker starves (fairness) and two updates never interleave (no lost updates).
-- ``none``: lock-free; every request is granted at once, as in Hogwild! (Recht et al. 2011). Two
-  updates may then read the same parameter version and one overwrite the other: the server
-  counts such lost updates instead of preventing them.
+- ``none``: lock-free; every request is granted at once, as in Hogwild! (Recht et al. 2011), and
+  no update waits for another. :class:`SharedState` then commits each update with a
+  compare-and-swap: an update computed from a snapshot that another one replaced meanwhile is
+  recomputed from the newer snapshot (optimistic concurrency control, Kung & Robinson 1981), so
+  no update is lost — a conflict costs a recomputation (counted), not an update.
 
 Every wait has a timeout. A request that times out is abandoned: the service skips its ticket, so
 one dead or slow client never blocks the queue behind it.
@@ -18,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from jaxsync import ConfigError
 
@@ -118,3 +121,77 @@ class LockService:
             self._abandoned.discard(number)
             number += 1
         self._serving = number
+
+
+class Commit(NamedTuple):
+    """What :meth:`SharedState.update` did: ``out`` of the update that was committed, the
+    snapshot it read and the value it wrote, the wait for the lock grant and the recomputations
+    after conflicts."""
+
+    out: Any
+    read: Any
+    wrote: Any
+    wait_s: float
+    retries: int
+
+
+class SharedState:
+    """One value that many threads read and update under a :class:`LockService` policy.
+
+    ``read()`` returns the current value (an immutable snapshot) and never blocks.
+    ``update(client, fn)`` replaces it by ``fn(value) -> (new value, out)``, a pure function of
+    the snapshot it is given:
+
+    - ``fifo``: ``fn`` runs inside the client's ticket grant, so updates apply one at a time in
+      ticket order, each to the value the previous one left;
+    - ``none``: ``fn`` runs outside any lock, concurrently with other clients'. Its result is
+      committed only if the value is still the snapshot ``fn`` read (a compare-and-swap, the
+      only step under a mutex: a reference compare and assignment); otherwise ``fn`` runs again
+      on the newer value. Every update is applied to the value the previous commit left, as
+      under ``fifo``, and none is lost; ``retries`` counts the recomputations.
+
+    The values are JAX arrays, so ``fn`` returns once its computations are dispatched: holding a
+    grant costs the dispatch, not the computation, and a reader of a new value waits for it only
+    when it uses it.
+    """
+
+    def __init__(self, value, lock: LockService):
+        self.lock = lock
+        self._value = value
+        self._swap = threading.Lock()  # guards the compare-and-swap only
+
+    def read(self):
+        return self._value
+
+    def update(
+        self, client: int, fn: Callable, timeout_s: float | None = None, on_commit=None
+    ) -> Commit:
+        """Apply ``fn`` as above; ``on_commit(commit)`` runs inside the commit (the grant, or the
+        swap), so what it records is in commit order."""
+        on_commit = on_commit or (lambda commit: None)
+        if self.lock.policy == "fifo":
+            with self.lock.hold(client, timeout_s) as wait_s:
+                value = self._value
+                self._value, out = fn(value)
+                commit = Commit(out, value, self._value, wait_s, 0)
+                on_commit(commit)
+            return commit
+        with self.lock.hold(client, timeout_s) as wait_s:  # granted at once: an audit entry
+            pass
+        timeout_s = self.lock.timeout_s if timeout_s is None else timeout_s
+        deadline, retries = time.perf_counter() + timeout_s, 0
+        while True:  # every failed swap means another client's update committed: progress
+            if time.perf_counter() > deadline:
+                raise LockTimeout(
+                    f"client {client}: update not committed within {timeout_s:.1f}s "
+                    f"({retries} conflicts)"
+                )
+            value = self._value
+            new, out = fn(value)
+            with self._swap:
+                if self._value is value:
+                    self._value = new
+                    commit = Commit(out, value, new, wait_s, retries)
+                    on_commit(commit)
+                    return commit
+            retries += 1

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsync.async_ps.lock import LockService
+from jaxsync.async_ps.lock import LockService, SharedState
 from jaxsync.async_ps.staleness import (
     DC_MOMENTUM,
     adaptive_lambda,
@@ -47,6 +47,7 @@ class UpdateRecord(NamedTuple):
     lock_wait_s: float
     loss: float
     time_s: float  # since the run started
+    retries: int = 0  # recomputations after a lost compare-and-swap (``none``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,14 +112,26 @@ def _server_update(
     return (*apply_staleness_aware(tx, grads, opt_state, params, rate), mean_square)
 
 
+class _ServerState(NamedTuple):
+    """The server's whole state, replaced as one value by each push (:class:`SharedState`)."""
+
+    params: Any
+    version: int  # server updates applied
+    opt_state: Any
+    mean_square: Any  # DC-ASGD-a's MeanSquare(t); None: off
+    pending: tuple = ()  # (grads, scale, stale params) waiting for the n_push-th
+
+
 class ParameterServer:
     """Holds the parameters and optimizer state on one device; applies pushes, serves pulls.
 
-    ``pull`` reads an immutable ``(params, version)`` snapshot, so it never blocks. ``push`` runs
-    the optimizer inside a lock grant; under ``none`` two pushes can read the same snapshot and the
-    later write wins, which shows up as fewer versions than applied updates (lost updates).
-    DC-ASGD-a's ``mean_square`` is read and written in the same grant, so under ``none`` its
-    updates can be lost the same way.
+    ``pull`` reads an immutable ``(params, version)`` snapshot, so it never blocks. ``push``
+    updates the state through :class:`~jaxsync.async_ps.lock.SharedState`: under ``fifo`` inside a
+    ticket grant, under ``none`` without a lock and committed by compare-and-swap, recomputed from
+    the newer state if another push committed first. Either way every push is applied to the
+    state the previous one left, so no update is lost; DC-ASGD-a's ``mean_square`` is part of that
+    state. The jitted update donates nothing: pulls (and, under ``none``, a racing push) may still
+    read the state it replaces.
     """
 
     def __init__(
@@ -134,36 +147,58 @@ class ParameterServer:
         dc_momentum=DC_MOMENTUM,
     ):
         self.device = device
-        self.lock = lock
         self.n_push = n_push
         self.staleness_aware = staleness_aware
         params = jax.device_put(params, device)
-        self._snapshot = (params, 0)
-        self._opt_state = jax.device_put(tx.init(params), device)
-        self._pending: list = []
-        self.dc_lambda = dc_lambda
         adaptive = bool(dc_lambda) and dc_adaptive
-        # DC-ASGD-a's MeanSquare(t), on the server beside the optimizer state (None: off).
-        self.mean_square = jax.tree.map(jnp.zeros_like, params) if adaptive else None
+        mean_square = jax.tree.map(jnp.zeros_like, params) if adaptive else None
+        state = _ServerState(params, 0, jax.device_put(tx.init(params), device), mean_square)
+        self._state = SharedState(state, lock)
         dc = (dc_lambda, adaptive, dc_momentum)
         self._update = jax.jit(functools.partial(_server_update, tx, staleness_aware, dc))
         self._t0 = time.perf_counter()
         self.log: list[UpdateRecord] = []
 
+    @property
+    def lock(self) -> LockService:
+        return self._state.lock
+
+    @property
+    def mean_square(self):
+        return self._state.read().mean_square
+
     def warm_up(self, grads) -> None:
         """Compile the update once, discarding the result (keeps compile time out of the log)."""
-        params, _ = self._snapshot
+        s = self._state.read()
         grads = [jax.device_put(grads, self.device)] * self.n_push
         scales = jnp.ones((self.n_push,), jnp.float32)
-        stale = [params] * self.n_push
+        stale = [s.params] * self.n_push
         jax.block_until_ready(
-            self._update(grads, stale, scales, self._opt_state, params, self.mean_square)
+            self._update(grads, stale, scales, s.opt_state, s.params, s.mean_square)
         )
         self._t0 = time.perf_counter()
 
     def pull(self):
         """``(params, version)``: the newest parameters, as one consistent snapshot."""
-        return self._snapshot
+        s = self._state.read()
+        return s.params, s.version
+
+    def _apply(self, grads, pulled, stale_params, s: _ServerState):
+        """The push on state ``s``: ``-> (new state, staleness)`` (a pure function of ``s``)."""
+        tau = s.version - pulled
+        scale = 1.0 / max(tau, 1) if self.staleness_aware else 1.0
+        pending = (*s.pending, (grads, scale, s.params if stale_params is None else stale_params))
+        if len(pending) < self.n_push:
+            return s._replace(pending=pending), tau
+        params, opt_state, mean_square = self._update(
+            [g for g, _, _ in pending],
+            [w for _, _, w in pending],
+            jnp.asarray([c for _, c, _ in pending], jnp.float32),
+            s.opt_state,
+            s.params,
+            s.mean_square,
+        )
+        return _ServerState(params, s.version + 1, opt_state, mean_square), tau
 
     def push(
         self,
@@ -176,38 +211,31 @@ class ParameterServer:
         stale_params=None,
     ) -> UpdateRecord:
         """Apply (or accumulate, with ``n_push > 1``) a gradient computed on version ``pulled``
-        (whose parameters, ``stale_params``, DC-ASGD compensates from)."""
+        (whose parameters, ``stale_params``, DC-ASGD compensates from). Returns once the state
+        this push wrote is computed, so the worker's time includes its update."""
         grads = jax.device_put(grads, self.device)
-        with self.lock.hold(worker, timeout_s) as wait_s:
-            params, version = self._snapshot
-            tau = version - pulled
-            scale = 1.0 / max(tau, 1) if self.staleness_aware else 1.0
-            self._pending.append(
-                (grads, scale, stale_params if stale_params is not None else params)
-            )
-            if len(self._pending) == self.n_push:
-                pending, self._pending = self._pending, []
-                new_params, self._opt_state, self.mean_square = self._update(
-                    [g for g, _, _ in pending],
-                    [w for _, _, w in pending],
-                    jnp.asarray([s for _, s, _ in pending], jnp.float32),
-                    self._opt_state,
-                    params,
-                    self.mean_square,
+        records = []
+
+        def log(commit):  # runs inside the commit: the log is in apply order
+            records.append(
+                UpdateRecord(
+                    worker,
+                    batch_index,
+                    pulled,
+                    commit.read.version,
+                    commit.out,
+                    commit.wait_s,
+                    loss,
+                    time.perf_counter() - self._t0,
+                    commit.retries,
                 )
-                self._snapshot = (jax.block_until_ready(new_params), version + 1)
-            record = UpdateRecord(
-                worker,
-                batch_index,
-                pulled,
-                version,
-                tau,
-                wait_s,
-                loss,
-                time.perf_counter() - self._t0,
             )
-            self.log.append(record)
-        return record
+            self.log.append(records[-1])
+
+        apply = functools.partial(self._apply, grads, pulled, stale_params)
+        commit = self._state.update(worker, apply, timeout_s, on_commit=log)
+        jax.block_until_ready(commit.wrote.params)
+        return records[-1]
 
 
 class SSPClock:
@@ -285,7 +313,9 @@ def _worker_loop(wid, cfg: ThreadsConfig, server, grad_fn, device, get_batch, co
 def run_threads(
     cfg: ThreadsConfig, params, tx, loss_fn, get_batch: Callable, devices
 ) -> ThreadsResult:
-    """Train with ``cfg.num_workers`` threads on ``devices[i]``; the server lives on ``devices[0]``.
+    """Train with ``cfg.num_workers`` threads on ``devices[i]``. The server lives on a device of
+    its own, ``devices[num_workers]``, where there is one (else on ``devices[0]``, beside worker
+    0): its updates then never queue behind a worker's gradient on the same device stream.
 
     Args:
       params: initial parameters.
@@ -302,7 +332,7 @@ def run_threads(
     server = ParameterServer(
         params,
         tx,
-        devices[0],
+        server_device(devices, cfg.num_workers),
         lock,
         cfg.n_push,
         cfg.staleness_aware,
@@ -326,6 +356,11 @@ def run_threads(
     failures, wall_s = run_workers(cfg.num_workers, work, cfg.timeout_s, on_exit=ssp.retire)
     params, version = server.pull()
     return ThreadsResult(params, version, list(server.log), failures, wall_s)
+
+
+def server_device(devices, num_workers: int):
+    """The device no worker uses, if there is one; else the first."""
+    return devices[num_workers] if len(devices) > num_workers else devices[0]
 
 
 def run_workers(num_workers: int, work: Callable, timeout_s: float, on_exit=None):

@@ -112,6 +112,7 @@ def _threads_summary(cfg, res, eval_metrics, slow, taus=None) -> dict:
             "lock": cfg.lock,
             "pushes": len(log),
             "lost_updates": applied - res.version,
+            "cas_retries": sum(r.retries for r in log),  # lock-free pushes recomputed
             "lock_wait_ms": 1e3 * float(np.median([r.lock_wait_s for r in log])) if log else 0.0,
             "pushes_per_worker": {
                 str(w): sum(r.worker == w for r in log) for w in range(s.num_workers)

@@ -40,6 +40,13 @@ DC_LAMBDA0 = 16.0
 ELASTIC_ALPHA, ELASTIC_PERIODS = 0.225, (1, 4)
 SSP_BOUNDS = (0, 1, 4, -1)  # 0: BSP (Ho et al.: BSP is SSP with s = 0); -1: fully async
 WORKERS, SLOW_PROB, SLOWDOWN = 8, 0.125, 4.0  # transient stragglers: 1 gradient in 8 is 4x slower
+# The scaling table's gradient: a deep narrow tanh network, a scan over DEPTH layers of width
+# WIDTH at batch BATCH (about 20 ms per gradient on one core of the 2-core machine). Each matmul
+# is small enough that XLA's CPU backend runs it on one thread, so one worker leaves the other
+# core free. (A 1024-wide layer at batch 512 already keeps both cores busy in one worker: then no
+# second worker can add throughput, with or without a server.)
+SCALING_WIDTH, SCALING_DEPTH, SCALING_BATCH = 64, 64, 512
+SCALING_WORKERS = (1, 2, 4, 8)
 
 
 SYNC_KEYS = ("model", "width", "dataset", "optim", "batch_size", "eval_every")
@@ -149,9 +156,9 @@ def report_rows(runs: dict, chance_loss: float = math.log(10)):
 def run_threads(steps: int, lr: float, log=print) -> list:
     """Real worker threads: 1 worker (sequential baseline) vs 4 workers, locks, a straggler, and
     asynchronous EASGD on 4 workers with the same number of gradients (``steps`` local steps in
-    all). For EASGD rows "updates" are the center's versions (exchanges it kept), "lost updates"
-    the exchanges a lock-free run lost, "staleness" the other workers' exchanges since a worker's
-    previous one, and the eval loss is the center's."""
+    all). For EASGD rows "updates" are the center's versions (exchanges it applied), "lost
+    updates" the exchanges it lost (none, under either lock), "staleness" the other workers'
+    exchanges since a worker's previous one, and the eval loss is the center's."""
     base = make(
         AsyncConfig,
         mode="threads",
@@ -197,6 +204,7 @@ def run_threads(steps: int, lr: float, log=print) -> list:
                 "pushes": s["pushes"],
                 "updates": s["steps"],
                 "lost updates": s["lost_updates"],
+                "CAS retries": s["cas_retries"],
                 "pushes/s": round(rate, 1),
                 "vs 1 worker": round(rate / base_rate, 2),
                 "staleness mean": round(s["staleness_mean"], 2),
@@ -206,6 +214,102 @@ def run_threads(steps: int, lr: float, log=print) -> list:
             }
         )
         log(f"  threads {name}: {rate:.1f} pushes/s")
+    return rows
+
+
+def deep_narrow(width: int, depth: int, batch: int, seed: int = 0):
+    """``(params, loss_fn, get_batch)`` of the scaling table: ``depth`` tanh layers of
+    ``width`` units (a scan), regressing tanh(x) from x; every batch is the same array."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    key = jax.random.PRNGKey(seed)
+    params = {"w": jax.random.normal(key, (depth, width, width)) / math.sqrt(width)}
+
+    def loss_fn(p, b):
+        x, y = b
+        h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+        return jnp.mean((h - y) ** 2), {}
+
+    x = np.random.default_rng(seed).normal(size=(batch, width)).astype(np.float32)
+    return params, loss_fn, lambda i: (x, np.tanh(x))
+
+
+def gradients_only(n: int, calls: int, params, loss_fn, batch, devices) -> float:
+    """Gradients/s of ``n`` threads that only compute gradients, each on its own device, with no
+    server: the ceiling a parameter server with ``n`` workers could reach on this machine."""
+    import jax
+
+    from jaxsync.async_ps.server import run_workers
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    placed = [jax.device_put((params, batch), d) for d in devices[:n]]
+    for p, b in placed:
+        jax.block_until_ready(grad_fn(p, b))
+
+    def work(wid, stop):
+        p, b = placed[wid]
+        for _ in range(calls):
+            jax.block_until_ready(grad_fn(p, b))
+
+    failures, wall_s = run_workers(n, work, timeout_s=600.0)
+    if failures:
+        raise RuntimeError(f"gradient threads failed: {failures}")
+    return n * calls / wall_s
+
+
+def run_scaling(pushes: int, repeats: int = 3, log=print) -> list:
+    """Pushes/s of the threaded parameter server for 1, 2, 4 and 8 workers under ``fifo`` and
+    ``none``, ``pushes`` in all per run, the median of ``repeats`` runs; beside them the
+    gradients/s of the same threads with no server (the machine's ceiling), measured in the same
+    run. Lost updates (applied − versions) and compare-and-swap retries are counted."""
+    import statistics
+
+    import jax
+    import optax
+
+    from jaxsync.async_ps.server import ThreadsConfig, run_threads
+
+    params, loss_fn, get_batch = deep_narrow(SCALING_WIDTH, SCALING_DEPTH, SCALING_BATCH)
+    devices = jax.devices()
+    rows, base = [], {}
+    for n in SCALING_WORKERS:
+        if n > len(devices):
+            log(f"  scaling: skipping {n} workers ({len(devices)} devices)")
+            continue
+        ceiling = statistics.median(
+            gradients_only(n, max(1, pushes // n), params, loss_fn, get_batch(0), devices)
+            for _ in range(repeats)
+        )
+        base.setdefault("ceiling", ceiling)
+        for lock in ("fifo", "none"):
+            cfg = ThreadsConfig(num_workers=n, total_pushes=pushes, lock=lock, timeout_s=600.0)
+            runs = [
+                run_threads(cfg, params, optax.sgd(1e-3), loss_fn, get_batch, devices)
+                for _ in range(repeats)
+            ]
+            rates = [len(r.log) / r.wall_s for r in runs]
+            rate = statistics.median(rates)
+            res = runs[rates.index(rate)] if repeats % 2 else runs[-1]
+            base.setdefault(lock, rate)
+            rows.append(
+                {
+                    "workers": n,
+                    "lock": lock,
+                    "pushes": len(res.log),
+                    "pushes/s (median)": round(rate, 1),
+                    "vs 1 worker": round(rate / base[lock], 2),
+                    "gradients/s, no server": round(ceiling, 1),
+                    "ceiling vs 1 worker": round(ceiling / base["ceiling"], 2),
+                    "pushes/s ÷ ceiling": round(rate / ceiling, 2),
+                    "lost updates": len(res.log) - res.version,
+                    "CAS retries": sum(r.retries for r in res.log),
+                    "staleness mean": round(statistics.fmean(r.staleness for r in res.log), 2),
+                    "server device": "own" if len(devices) > n else "worker 0's",
+                }
+            )
+            log(f"  scaling {n} workers {lock}: {rate:.1f} pushes/s (ceiling {ceiling:.1f})")
     return rows
 
 
