@@ -5,8 +5,10 @@ collectives over loopback between processes, in-process copies between the devic
 process). Every process builds the same data-parallel MLP step over all K·M devices; after
 compilation and --warmup steps, the median of --repeats steps (``block_until_ready``) is reported
 for the jitted step and for placing the global batch (each process feeds its local rows), with the
-ratio to the first layout measured in the same run. The timing code is
-``jaxsync.benchmarks.multihost``.
+ratio to the first layout measured in the same run. Each layout also times the step without its
+gradient sync (local SGD whose average is never due: the same compute, only the loss mean crosses
+devices), and reports each strategy's exposed communication, (step − no sync) / step. The timing
+code is ``jaxsync.benchmarks.multihost``.
 
     python experiments/bench_multihost.py --quick
     python experiments/bench_multihost.py --layouts=1x8,2x4,4x2 --strategies=psum,ring,ps

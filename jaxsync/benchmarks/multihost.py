@@ -40,9 +40,17 @@ def parse_layouts(texts, batch_size: int) -> list[tuple[int, int]]:
     return layouts
 
 
+# The step without its gradient sync: local SGD whose parameter average is never due within the
+# timed steps. Same forward, backward and optimizer per device; only the 4-byte loss mean crosses
+# devices. Its time is the compute a step's communication could hide behind.
+NO_SYNC = "no sync"
+NEVER = 10**9  # local_steps: an average every 10⁹ steps
+
+
 def worker(path: str, strategies, width: int, batch: int, repeats: int, warmup: int) -> None:
-    """One process of a job: time every strategy over all devices of all processes; process 0
-    writes ``{strategy: {step_ms, feed_ms}}`` to ``path``."""
+    """One process of a job: time every strategy, and the step without gradient sync
+    (:data:`NO_SYNC`), over all devices of all processes; process 0 writes
+    ``{strategy: {step_ms, feed_ms}}`` to ``path``."""
     import jax
     import jax.numpy as jnp
 
@@ -54,13 +62,14 @@ def worker(path: str, strategies, width: int, batch: int, repeats: int, warmup: 
     loss_fn = losses.make_loss_fn(model.apply, ds.task)
     tx = optim.make_optimizer(optim.OptimConfig(optimizer="sgd", learning_rate=0.01))
     rows = {}
-    for name in strategies:
+    for name in (*strategies, NO_SYNC):
+        kw = dict(backend="psum", local_steps=NEVER) if name == NO_SYNC else dict(backend=name)
         s = make_data_parallel(
             loss_fn,
             tx,
             lambda r, x: model.init(r, x)["params"],
-            backend=name,
             num_devices=jax.device_count(),
+            **kw,
         )
         state = s.init(jax.random.key(0), jnp.asarray(ds.x_train[:1]))
         host = ds.batch(0, batch, 0)
@@ -82,16 +91,19 @@ def worker(path: str, strategies, width: int, batch: int, repeats: int, warmup: 
 
 
 def report(results: list[dict], first, config: dict, output: str) -> str:
-    """Adds each row's step time over the first layout's (same strategy, same run), writes the
-    JSON to ``output`` and returns the markdown table."""
-    base = {
-        r["strategy"]: r["step_ms"]
-        for r in results
-        if (r["processes"], r["devices_per_process"]) == tuple(first)
-    }
+    """Adds each row's step time over the first layout's (same strategy, same run) and its
+    exposed-communication fraction (step − step without sync) / step, from the same layout's
+    :data:`NO_SYNC` row; writes the JSON to ``output`` and returns the markdown table."""
+    layout = lambda r: (r["processes"], r["devices_per_process"])
+    base = {r["strategy"]: r["step_ms"] for r in results if layout(r) == tuple(first)}
+    compute = {layout(r): r["step_ms"] for r in results if r["strategy"] == NO_SYNC}
     body = []
     for r in results:
         r["ratio_to_first"] = r["step_ms"] / base[r["strategy"]]
+        exposed = None
+        if r["strategy"] != NO_SYNC and layout(r) in compute:
+            exposed = (r["step_ms"] - compute[layout(r)]) / r["step_ms"]
+        r["exposed_comm_fraction"] = exposed
         body.append(
             [
                 f"{r['processes']} x {r['devices_per_process']}",
@@ -99,11 +111,19 @@ def report(results: list[dict], first, config: dict, output: str) -> str:
                 f"{r['step_ms']:.2f}",
                 f"{r['feed_ms']:.2f}",
                 f"{r['ratio_to_first']:.2f}",
+                "" if exposed is None else f"{exposed:.2f}",
             ]
         )
     config = {**config, "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump({"config": config, "results": results}, f, indent=1)
-    headers = ["processes x devices", "strategy", "step ms", "feed ms", "step time / first layout"]
+    headers = [
+        "processes x devices",
+        "strategy",
+        "step ms",
+        "feed ms",
+        "step time / first layout",
+        "exposed comm (step − no sync) / step",
+    ]
     return common.markdown_table(headers, body)

@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsync import ConfigError
+from jaxsync import ConfigError, collectives
 from jaxsync.mesh import DATA_AXIS, make_mesh, put_global_batch
 from jaxsync.parallel import per_device
 from jaxsync.parallel.common import Strategy, TrainState, init_state
@@ -82,7 +82,7 @@ def make_device_step(loss_fn, backend, axis_name: str, grad_accum: int = 1):
     def device_step(state: TrainState, batch):
         (loss, metrics), grads = local_value_and_grad(loss_fn, state.params, batch, grad_accum)
         params, opt_state = backend.update(grads, state.opt_state, state.params)
-        metrics = lax.pmean({"loss": loss, **metrics}, axis_name)
+        metrics = collectives.packed_psum({"loss": loss, **metrics}, axis_name, mean=True)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return device_step

@@ -12,12 +12,15 @@ import math
 
 from jax import lax
 
+from jaxsync import collectives
 from jaxsync.sync.base import Backend, Collectives
 
 
 def all_reduce(tree, axis_name, *, mean: bool = False, **_):
-    """``lax.pmean`` if ``mean`` else ``lax.psum``."""
-    return lax.pmean(tree, axis_name) if mean else lax.psum(tree, axis_name)
+    """``lax.pmean`` if ``mean`` else ``lax.psum``, small leaves packed into shared operands
+    (:func:`~jaxsync.collectives.packed_psum`; the ring's ``bucket_bytes`` does not apply: XLA
+    picks the algorithm, the packing only sets the operand count)."""
+    return collectives.packed_psum(tree, axis_name, mean=mean)
 
 
 def cost(n: int, s: float) -> tuple[int, float]:

@@ -20,11 +20,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxsync import ConfigError, optim
+from jaxsync import ConfigError, collectives, optim
 from jaxsync.agents.rl import envs
 from jaxsync.mesh import DATA_AXIS, make_mesh
 from jaxsync.parallel import per_device
@@ -76,19 +75,15 @@ def device_index(axis_name: str | None):
 
 
 def pmean(tree, axis_name: str | None):
-    """Mean over devices of a pytree of same-dtype arrays, as *one* all-reduce.
+    """Mean over devices of a pytree (identity without an axis), packed into one all-reduce
+    operand per dtype (:func:`jaxsync.collectives.packed_psum`).
 
     One collective rather than one per leaf: independent collectives may be started in different
     orders on different emulated CPU devices, and every extra rendezvous costs a thread wake-up.
     """
     if axis_name is None:
         return tree
-    leaves, treedef = jax.tree.flatten(tree)
-    flat = lax.pmean(jnp.concatenate([jnp.ravel(x) for x in leaves]), axis_name)
-    sizes = np.cumsum([x.size for x in leaves])[:-1]
-    return treedef.unflatten(
-        [p.reshape(x.shape) for p, x in zip(jnp.split(flat, sizes), leaves, strict=False)]
-    )
+    return collectives.packed_psum(tree, axis_name, mean=True)
 
 
 def local_keys(key, num_local: int, num_devices: int, axis_name: str | None):
