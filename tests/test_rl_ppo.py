@@ -148,6 +148,9 @@ def test_config_errors():
         ppo.make_train(ppo.PPOConfig(num_devices=2))
     with pytest.raises(ConfigError, match="below one update"):
         ppo.make_train(ppo.PPOConfig(total_steps=100))
+    eight = ppo.PPOConfig(num_devices=8, num_envs=1, num_steps=64, strategy="psum")
+    with pytest.raises(ConfigError, match="vmapped seeds on 8 CPU devices hang"):
+        ppo.make_train(eight, vmap_seeds=True)  # an error, not the hang (built, never run)
 
 
 # Small enough to compile and run in seconds; learning rate raised so a few thousand steps learn.
