@@ -132,10 +132,9 @@ def flatten_to_buckets(
 
 
 # packed_psum's bucket size. Small leaves share an operand; a leaf above it is an operand of its
-# own (a reshape, no copy). Packing larger leaves cost far more than it saved in one process: a
-# data-parallel MLP step on 8 emulated devices (width 64 / 256, batch 512) took 2.1 / 3.7 ms with
-# an operand per leaf, 0.95 / 2.9 ms with 64 KiB buckets, and 1.1 / 19 ms with 1 MiB buckets
-# (width 1024, batch 2048: 86 ms per leaf or 1 MiB buckets, 550 ms with one 4.4 MB operand).
+# own (a reshape, no copy). In one process, an all-reduce of a concatenation of a few hundred KB
+# or more made a data-parallel MLP step on 8 emulated devices several times slower than one
+# operand per leaf; up to 64 KiB it was faster (measured with jax 0.10.2; figures in the #19 note).
 PACK_BYTES = 64 * 1024
 
 

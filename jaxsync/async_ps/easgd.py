@@ -95,10 +95,6 @@ class CenterServer:
 
         self._elastic = jax.jit(elastic)
 
-    @property
-    def lock(self) -> LockService:
-        return self._state.lock
-
     def warm_up(self) -> None:
         center, _ = self._state.read()
         jax.block_until_ready(self._elastic(center, center))

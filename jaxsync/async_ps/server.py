@@ -3,8 +3,9 @@
 Each of N worker threads owns a device and its own jitted gradient function. A worker loops:
 claim the next global batch, pull (parameters, version) from the server, compute the gradient on
 its device, push it. The server applies each gradient as it arrives (Downpour SGD, Dean et al.
-2012; parameter server, Li et al. 2014), inside a lock-service grant (:mod:`.lock`): ``fifo``
-serialises updates in ticket order, ``none`` lets them race as in Hogwild! (Recht et al. 2011).
+2012; parameter server, Li et al. 2014) through :class:`~jaxsync.async_ps.lock.SharedState`:
+``fifo`` serialises updates in ticket order; ``none`` computes them without a lock, as in
+Hogwild! (Recht et al. 2011), and commits each by compare-and-swap, so none is lost.
 For every push the server records the worker, the measured staleness τ = (server version at
 apply) − (version the worker pulled), the lock wait and the worker's loss.
 
@@ -158,10 +159,6 @@ class ParameterServer:
         self._update = jax.jit(functools.partial(_server_update, tx, staleness_aware, dc))
         self._t0 = time.perf_counter()
         self.log: list[UpdateRecord] = []
-
-    @property
-    def lock(self) -> LockService:
-        return self._state.lock
 
     @property
     def mean_square(self):

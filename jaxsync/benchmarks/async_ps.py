@@ -236,14 +236,14 @@ def deep_narrow(width: int, depth: int, batch: int, seed: int = 0):
     return params, loss_fn, lambda i: (x, np.tanh(x))
 
 
-def gradients_only(n: int, calls: int, params, loss_fn, batch, devices) -> float:
-    """Gradients/s of ``n`` threads that only compute gradients, each on its own device, with no
-    server: the ceiling a parameter server with ``n`` workers could reach on this machine."""
+def gradients_only(n: int, calls: int, params, grad_fn, batch, devices) -> float:
+    """Gradients/s of ``n`` threads that only compute gradients (``grad_fn``, jitted), each on
+    its own device, with no server: the ceiling a parameter server with ``n`` workers could reach
+    on this machine."""
     import jax
 
     from jaxsync.async_ps.server import run_workers
 
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     placed = [jax.device_put((params, batch), d) for d in devices[:n]]
     for p, b in placed:
         jax.block_until_ready(grad_fn(p, b))
@@ -272,6 +272,7 @@ def run_scaling(pushes: int, repeats: int = 3, log=print) -> list:
     from jaxsync.async_ps.server import ThreadsConfig, run_threads
 
     params, loss_fn, get_batch = deep_narrow(SCALING_WIDTH, SCALING_DEPTH, SCALING_BATCH)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))  # the ceiling's, compiled once
     devices = jax.devices()
     rows, base = [], {}
     for n in SCALING_WORKERS:
@@ -279,7 +280,7 @@ def run_scaling(pushes: int, repeats: int = 3, log=print) -> list:
             log(f"  scaling: skipping {n} workers ({len(devices)} devices)")
             continue
         ceiling = statistics.median(
-            gradients_only(n, max(1, pushes // n), params, loss_fn, get_batch(0), devices)
+            gradients_only(n, max(1, pushes // n), params, grad_fn, get_batch(0), devices)
             for _ in range(repeats)
         )
         base.setdefault("ceiling", ceiling)

@@ -75,8 +75,8 @@ def device_index(axis_name: str | None):
 
 
 def pmean(tree, axis_name: str | None):
-    """Mean over devices of a pytree (identity without an axis), packed into one all-reduce
-    operand per dtype (:func:`jaxsync.collectives.packed_psum`).
+    """Mean over devices of a pytree (identity without an axis), small leaves packed into shared
+    all-reduce operands (:func:`jaxsync.collectives.packed_psum`).
 
     One collective rather than one per leaf: independent collectives may be started in different
     orders on different emulated CPU devices, and every extra rendezvous costs a thread wake-up.
