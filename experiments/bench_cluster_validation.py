@@ -1,7 +1,9 @@
 """The simulated cluster clock against measurements and published results (issue #17).
 
 1. All-reduce across K processes on this machine (``scripts/launch_local.py``: one job per K, one
-   CPU device per process, gloo over loopback), for XLA's ``psum`` and jaxsync's ``ring``, every
+   CPU device per process), on each network of --links: ``loopback`` (gloo over 127.0.0.1) and
+   ``shaped`` (one network namespace per process, each NIC sending at --link_rate:
+   ``jaxsync.cluster.netns``; needs root), for XLA's ``psum`` and jaxsync's ``ring``, every
    message size from --min_bytes to --max_bytes (×--factor): compile, --warmup calls, then the
    median of --repeats interleaved calls of process 0; with --rounds > 1 every K's job runs again
    after the others and the median over rounds is kept. The α–β model of jaxsync.cluster.cost
@@ -16,9 +18,11 @@
     python experiments/bench_cluster_validation.py --processes=2,3,4 --rounds=3
 
 Caveat: the machine's cores are shared by every process of a job; with more processes than cores
-the per-message latency is partly the scheduler's.
+the per-message latency over loopback is partly the scheduler's. On shaped links a process waits
+for its NIC asleep, so the link, not the CPU, sets the time, as on a cluster.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -30,13 +34,38 @@ import tempfile
 from absl import flags
 
 from jaxsync import cli
+from jaxsync.cluster import netns
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _PROCESSES = flags.DEFINE_list("processes", ["2", "3", "4"], "Process counts K (each >= 2).")
 _TRAIN = flags.DEFINE_list("train_processes", ["2", "4"], "K values whose points train the fit.")
-_BACKENDS = flags.DEFINE_list("backends", ["psum", "ring"], "Backends to time: psum, ring.")
-_MIN_BYTES = flags.DEFINE_string("min_bytes", "4K", "Smallest message per process (K/M suffix).")
-_MAX_BYTES = flags.DEFINE_string("max_bytes", "16M", "Largest message per process (K/M suffix).")
+_LINKS = flags.DEFINE_list(
+    "links",
+    ["loopback", "shaped"],
+    "Networks to measure on: loopback (gloo over 127.0.0.1) | shaped (a network namespace per "
+    "process, NICs at --link_rate; needs root, else skipped with the reason).",
+)
+_LINK_RATE = flags.DEFINE_string(
+    "link_rate", "200mbit", "Send rate of each shaped NIC, as tc writes it: 100mbit, 1gbit, 12MBps."
+)
+_BACKENDS = flags.DEFINE_list(
+    "backends", ["psum", "ring"], "Backends to time: psum, ring, ring1 (one direction)."
+)
+_MIN_BYTES = flags.DEFINE_string(
+    "min_bytes", "4K", "Smallest message per process over loopback (K/M suffix)."
+)
+_MAX_BYTES = flags.DEFINE_string(
+    "max_bytes", "16M", "Largest message per process over loopback (K/M suffix)."
+)
+_SHAPED_MIN = flags.DEFINE_string(
+    "shaped_min_bytes", "64K", "Smallest message per process on shaped links (K/M suffix)."
+)
+_SHAPED_MAX = flags.DEFINE_string(
+    "shaped_max_bytes", "4M", "Largest message per process on shaped links (K/M suffix)."
+)
+_SHAPED_REPEATS = flags.DEFINE_integer(
+    "shaped_repeats", 5, "Timed calls per point on shaped links (>= 1; also with --quick)."
+)
 _FACTOR = flags.DEFINE_integer("factor", 4, "Size multiplier between steps (>= 2).")
 _REPEATS = flags.DEFINE_integer("repeats", 25, "Timed calls per point (>= 1); the median counts.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per point after compilation (>= 0).")
@@ -72,9 +101,29 @@ def _bytes(name: str, text: str) -> int:
     return int(number) * UNITS[unit]
 
 
+def _sizes(prefix: str, low: str, high: str) -> list[int]:
+    """Message sizes from --{prefix}min_bytes to --{prefix}max_bytes, ×--factor each."""
+    from jaxsync import ConfigError
+
+    lo, hi = _bytes(f"{prefix}min_bytes", low), _bytes(f"{prefix}max_bytes", high)
+    if _FACTOR.value < 2 or lo > hi:
+        raise ConfigError(f"need --factor >= 2 and --{prefix}min_bytes <= --{prefix}max_bytes")
+    sizes = []
+    while lo <= hi:
+        sizes.append(lo)
+        lo *= _FACTOR.value
+    if len(sizes) < 4:
+        raise ConfigError(
+            f"need >= 4 sizes from --{prefix}min_bytes to --{prefix}max_bytes: the smallest and "
+            "largest are held out, >= 2 train"
+        )
+    return sizes
+
+
 def config() -> dict:
     """The run's settings from the flags; a bad flag is one ConfigError line."""
     from jaxsync import ConfigError
+    from jaxsync.benchmarks import cluster_validation
 
     procs = sorted(set(cli.int_list("processes", _PROCESSES.value)))
     train = sorted(set(cli.int_list("train_processes", _TRAIN.value)))
@@ -82,65 +131,77 @@ def config() -> dict:
         raise ConfigError(f"--processes must be integers >= 2, got {_PROCESSES.value}")
     if not train or not set(train) <= set(procs):
         raise ConfigError(f"--train_processes {train} must be a non-empty subset of {procs}")
-    bad = [b for b in _BACKENDS.value if b not in ("psum", "ring")]
+    if not _LINKS.value or set(_LINKS.value) - {"loopback", "shaped"}:
+        raise ConfigError(f"--links takes loopback, shaped; got {_LINKS.value}")
+    bad = [b for b in _BACKENDS.value if b not in cluster_validation.PATTERN]
     if not _BACKENDS.value or bad:
-        raise ConfigError(f"--backends takes psum, ring; got {_BACKENDS.value}")
-    lo, hi = _bytes("min_bytes", _MIN_BYTES.value), _bytes("max_bytes", _MAX_BYTES.value)
-    if _FACTOR.value < 2 or lo > hi:
-        raise ConfigError("need --factor >= 2 and --min_bytes <= --max_bytes")
-    sizes = []
-    while lo <= hi:
-        sizes.append(lo)
-        lo *= _FACTOR.value
-    if len(sizes) < 4:
-        raise ConfigError("need >= 4 sizes: the smallest and largest are held out, >= 2 train")
+        raise ConfigError(f"--backends takes psum, ring, ring1; got {_BACKENDS.value}")
     repeats, rounds = (15, 3) if _QUICK.value else (_REPEATS.value, _ROUNDS.value)
-    if repeats < 1 or _WARMUP.value < 0 or rounds < 1 or _TIMEOUT.value < 1:
-        raise ConfigError("need --repeats >= 1, --warmup >= 0, --rounds >= 1, --job_timeout >= 1")
+    if min(repeats, _SHAPED_REPEATS.value, rounds, _TIMEOUT.value) < 1 or _WARMUP.value < 0:
+        raise ConfigError(
+            "need --repeats, --shaped_repeats, --rounds, --job_timeout >= 1 and --warmup >= 0"
+        )
+    links = {}
+    for link in dict.fromkeys(_LINKS.value):
+        if link == "loopback":
+            sizes = _sizes("", _MIN_BYTES.value, _MAX_BYTES.value)
+            links[link] = {"repeats": repeats}
+        else:
+            sizes = _sizes("shaped_", _SHAPED_MIN.value, _SHAPED_MAX.value)
+            rate = netns.parse_rate(_LINK_RATE.value)
+            links[link] = {"repeats": _SHAPED_REPEATS.value, "rate_bytes_per_s": rate}
+        links[link] |= {"sizes": sizes, "holdout_sizes": [sizes[0], sizes[-1]]}
     if not 0 < _TOLERANCE.value < 1:
         raise ConfigError(f"--tolerance must be in (0, 1), got {_TOLERANCE.value}")
     return {
         "processes": procs,
         "train_processes": train,
-        "holdout_sizes": [sizes[0], sizes[-1]],
+        "links": links,
         "backends": list(_BACKENDS.value),
-        "sizes": sizes,
-        "repeats": repeats,
         "warmup": _WARMUP.value,
         "rounds": rounds,
         "tol": _TOLERANCE.value,
     }
 
 
-def _job(launch, cfg, k, tmp, r) -> list[dict]:
-    out = os.path.join(tmp, f"k{k}_r{r}.json")
-    logs = os.path.join(tmp, f"logs_k{k}_r{r}")
+def _job(launch, cfg, k, tmp, r, link) -> list[dict]:
+    out = os.path.join(tmp, f"{link}_k{k}_r{r}.json")
+    logs = os.path.join(tmp, f"logs_{link}_k{k}_r{r}")
     script = [
         __file__,
         f"--worker_out={out}",
         f"--backends={','.join(cfg['backends'])}",
-        f"--sizes={','.join(map(str, cfg['sizes']))}",
-        f"--repeats={cfg['repeats']}",
+        f"--sizes={','.join(map(str, cfg['links'][link]['sizes']))}",
+        f"--repeats={cfg['links'][link]['repeats']}",
         f"--warmup={cfg['warmup']}",
     ]
-    rc = launch.launch(script, k, 1, timeout_s=_TIMEOUT.value, log_dir=logs)
+    with contextlib.ExitStack() as stack:
+        where = {}
+        if link == "shaped":
+            net = stack.enter_context(
+                netns.shaped_network(k, cfg["links"][link]["rate_bytes_per_s"])
+            )
+            where = {"host": net.addresses[0], "wraps": net.wrap}
+        rc = launch.launch(script, k, 1, timeout_s=_TIMEOUT.value, log_dir=logs, **where)
     if rc != 0:
         log = pathlib.Path(logs, "process_0.log").read_text()[-2000:]
-        sys.exit(f"error: the {k}-process job failed with status {rc}:\n{log}")
+        sys.exit(f"error: the {k}-process job on {link} failed with status {rc}:\n{log}")
     with open(out) as f:
         return json.load(f)
 
 
-def measure(cfg) -> list[dict]:
-    """Every K's job, --rounds times in turn; per point the median over rounds."""
+def measure(cfg, link: str) -> list[dict]:
+    """Every K's job on ``link``, --rounds times in turn; per point the median over rounds."""
     launch = _launcher()
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(cfg["rounds"]):
             for k in cfg["processes"]:
-                for row in _job(launch, cfg, k, tmp, r):
+                for row in _job(launch, cfg, k, tmp, r, link):
                     runs.setdefault((k, row["bytes"]), []).append(row)
-                print(f"round {r + 1}/{cfg['rounds']}: K={k} done", file=sys.stderr, flush=True)
+                print(
+                    f"{link} round {r + 1}/{cfg['rounds']}: K={k} done", file=sys.stderr, flush=True
+                )
     rows = []
     for (k, size), got in sorted(runs.items()):
         row = {"processes": k, "bytes": size}
@@ -164,32 +225,27 @@ def main(argv):
             _WORKER_OUT.value, _BACKENDS.value, sizes, _REPEATS.value, _WARMUP.value
         )
     cfg = config()
-    rows = measure(cfg)
-    print(cluster_validation.report(rows, cfg))
+    networks = []
+    for link in cfg["links"]:
+        skipped = netns.unavailable() if link == "shaped" else None
+        if skipped:
+            print(f"{link}: not measured: {skipped}", file=sys.stderr)
+            networks.append({"link": link, "skipped": skipped})
+            continue
+        rows = measure(cfg, link)
+        networks.append(
+            {"link": link, "rows": rows, "validation": cluster_validation.summary(rows, cfg, link)}
+        )
+    print(cluster_validation.report(networks, cfg))
     if _OUTPUT.value:
         os.makedirs(os.path.dirname(_OUTPUT.value) or ".", exist_ok=True)
-        analysis = cluster_validation.analyse(
-            rows, cfg["backends"], cfg["train_processes"], cfg["holdout_sizes"], cfg["tol"]
-        )
-        summary = {
-            b: {
-                "pattern": a["pattern"],
-                "alpha_s": a["fit"].alpha_s,
-                "bandwidth_bytes_per_s": a["fit"].bandwidth,
-                "train_rms_rel_error": a["fit"].rms_rel_error,
-                "held_out": [c._asdict() for c in a["checks"]],
-                "verdict": a["verdict"]._asdict() | {"line": a["verdict"].line()},
-            }
-            for b, a in analysis.items()
-        }
         command = " ".join(["python", os.path.relpath(__file__, ROOT), *sys.argv[1:]])
         data = {
             "command": command,
             "config": cfg,
             "cpu_count": os.cpu_count(),
             "load_avg_1min": os.getloadavg()[0],
-            "rows": rows,
-            "validation": summary,
+            "networks": networks,
             "published": cluster_validation.reproduction_rows(),
         }
         with open(_OUTPUT.value, "w") as f:

@@ -32,13 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_command(script_args, k: int, m: int, i: int, port: int) -> list[str]:
-    """The command line of process ``i``: the experiment, its flags, and the job's flags."""
+def process_command(
+    script_args, k: int, m: int, i: int, port: int, host: str = "127.0.0.1", wrap=()
+) -> list[str]:
+    """The command line of process ``i``: the experiment, its flags, and the job's flags, after
+    ``wrap`` (e.g. ``ip netns exec NAME``, to run it on a host of ``jaxsync.cluster.netns``)."""
     return [
+        *wrap,
         sys.executable,
         *script_args,
         f"--cpu_devices={m}",
-        f"--coordinator_address=127.0.0.1:{port}",
+        f"--coordinator_address={host}:{port}",
         f"--num_processes={k}",
         f"--process_id={i}",
     ]
@@ -82,8 +86,11 @@ def launch(
     timeout_s: float = 600,
     grace_s: float = 5.0,
     log_dir: str | None = None,
+    host: str = "127.0.0.1",
+    wraps=None,
 ) -> int:
-    """Run the job; return 0 or the exit status of the first process that failed."""
+    """Run the job; return 0 or the exit status of the first process that failed. ``host`` is
+    the coordinator's address (process 0's host); ``wraps[i]`` prefixes process i's command."""
     port = port or free_port()
     env = child_env(m)
     procs, logs = [], []
@@ -96,7 +103,7 @@ def launch(
                 logs.append(out)
             procs.append(
                 subprocess.Popen(
-                    process_command(script_args, k, m, i, port),
+                    process_command(script_args, k, m, i, port, host, wraps[i] if wraps else ()),
                     env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT if out else None,

@@ -134,11 +134,23 @@ def test_report_tables_from_synthetic_rows():
     cfg = {
         "backends": ["psum", "ring"],
         "train_processes": [2, 4],
-        "holdout_sizes": [sizes[0], sizes[-1]],
+        "links": {
+            "loopback": {},
+            "shaped": {
+                "holdout_sizes": [sizes[0], sizes[-1]],
+                "repeats": 3,
+                "rate_bytes_per_s": 1e9,
+            },
+        },
         "tol": 0.25,
-        "repeats": 3,
         "rounds": 1,
     }
-    text = cluster_validation.report(rows, cfg)
+    nets = [{"link": "loopback", "skipped": "no reason"}, {"link": "shaped", "rows": rows}]
+    text = cluster_validation.report(nets, cfg)
     assert "`psum`: PASS: 8 of 8" in text and "`ring`: PASS: 8 of 8" in text
+    assert "**loopback**: not measured here (no reason)." in text
+    assert "each NIC sending at 1000 MB/s" in text
+    # The fit recovers each synthetic link: α, 1/β and 1/β ÷ the NIC rate (1 and 1/1.1).
+    assert "| psum | ring | 200 | 1 | 4 |" in text and "| ring | ring | 220 | 0.909 | 4 |" in text
+    assert cluster_validation.summary(rows, cfg, "shaped")["psum"]["verdict"]["ok"]
     assert "goyal2017_resnet50" in text and "horovod2018_inception_v3" in text

@@ -9,6 +9,8 @@ cluster's compute and links.
   (:data:`~.cost.METHODS`) and :func:`~.cost.step_time` per step and per H-step round.
 - :mod:`.events`: the discrete-event schedule of asynchronous workers (staleness from timing,
   SSP), the one event loop the async emulator's worker models run too.
+- :mod:`.validation` and :mod:`.netns`: the model fitted to measured all-reduces and checked on
+  held-out ones, over loopback or over links of a set rate made of network namespaces.
 
 Depends on numpy and :class:`jaxsync.ConfigError` only; nothing in :mod:`jaxsync.sync` imports it.
 """
