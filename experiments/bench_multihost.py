@@ -3,12 +3,13 @@
 Each layout runs as a real multi-process job on this machine (``scripts/launch_local.py``: gloo
 collectives over loopback between processes, in-process copies between the devices of one
 process). Every process builds the same data-parallel MLP step over all K·M devices; after
-compilation and --warmup steps, the median of --repeats steps (``block_until_ready``) is reported
-for the jitted step and for placing the global batch (each process feeds its local rows), with the
-ratio to the first layout measured in the same run. Each layout also times the step without its
-gradient sync (local SGD whose average is never due: the same compute, only the loss mean crosses
-devices), and reports each strategy's exposed communication, (step − no sync) / step. The timing
-code is ``jaxsync.benchmarks.multihost``.
+compilation and --warmup steps, --repeats rounds each time one step of every strategy in turn
+(``block_until_ready``; interleaved, so that load on the shared cores hits all alike), and the
+median is reported for the jitted step and for placing the global batch (each process feeds its
+local rows), with the ratio to the first layout measured in the same run. Each layout also times
+the step without its gradient sync (local SGD whose average is never due: the same compute, only
+the loss mean crosses devices), and reports each strategy's exposed communication,
+(step − no sync) / step. The timing code is ``jaxsync.benchmarks.multihost``.
 
     python experiments/bench_multihost.py --quick
     python experiments/bench_multihost.py --layouts=1x8,2x4,4x2 --strategies=psum,ring,ps
@@ -44,7 +45,7 @@ _WIDTH = flags.DEFINE_integer("width", 256, "MLP hidden width (>= 1).")
 _BATCH = flags.DEFINE_integer("batch_size", 512, "Global batch (divisible by K·M).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per point; the median is reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-_QUICK = flags.DEFINE_bool("quick", False, "Small run: width 64, 8 repeats.")
+_QUICK = flags.DEFINE_bool("quick", False, "Small run: width 64, 40 repeats.")
 _TIMEOUT = flags.DEFINE_integer("job_timeout", 600, "Seconds before a layout's job is stopped.")
 _OUTPUT = flags.DEFINE_string("output", "results/bench_multihost.json", "JSON results path.")
 _WORKER_OUT = flags.DEFINE_string(
@@ -72,7 +73,7 @@ def main(argv):
         raise ConfigError(f"--strategies takes names from {list(sync.backend_names())}")
     for name in _STRATEGIES.value:
         sync.check_backend(name)
-    width, repeats = (64, 8) if _QUICK.value else (_WIDTH.value, _REPEATS.value)
+    width, repeats = (64, 40) if _QUICK.value else (_WIDTH.value, _REPEATS.value)
     if _WORKER_OUT.value:
         cli.init_runtime()
         args = (_STRATEGIES.value, width, _BATCH.value, repeats, _WARMUP.value)

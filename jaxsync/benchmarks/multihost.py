@@ -14,16 +14,20 @@ from jaxsync import ConfigError
 from jaxsync.benchmarks import common
 
 
-def median_ms(fn, repeats: int) -> float:
-    """Median wall milliseconds of ``fn()`` (blocked until its result is ready) over ``repeats``."""
+def interleaved_ms(fns: dict, repeats: int) -> dict:
+    """Median wall milliseconds of each ``fns[name]()`` (blocked until its result is ready) over
+    ``repeats`` rounds, every name timed once per round in turn, so that a burst of load on the
+    shared cores hits every name alike rather than one (the step and the step without sync are
+    subtracted from each other)."""
     import jax
 
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def parse_layouts(texts, batch_size: int) -> list[tuple[int, int]]:
@@ -61,7 +65,7 @@ def worker(path: str, strategies, width: int, batch: int, repeats: int, warmup: 
     model = models.make_model("mlp", ds.num_outputs, width)
     loss_fn = losses.make_loss_fn(model.apply, ds.task)
     tx = optim.make_optimizer(optim.OptimConfig(optimizer="sgd", learning_rate=0.01))
-    rows = {}
+    steps, feeds = {}, {}
     for name in (*strategies, NO_SYNC):
         kw = dict(backend="psum", local_steps=NEVER) if name == NO_SYNC else dict(backend=name)
         s = make_data_parallel(
@@ -80,11 +84,10 @@ def worker(path: str, strategies, width: int, batch: int, repeats: int, warmup: 
             box[0], metrics = s.step(box[0], dev)
             return metrics
 
-        median_ms(step, 1 + warmup)  # compile, then warm up
-        rows[name] = {
-            "step_ms": median_ms(step, repeats),
-            "feed_ms": median_ms(lambda s=s, host=host: s.put_batch(host), repeats),
-        }
+        interleaved_ms({name: step}, 1 + warmup)  # compile, then warm up
+        steps[name], feeds[name] = step, lambda s=s, host=host: s.put_batch(host)
+    step_ms, feed_ms = interleaved_ms(steps, repeats), interleaved_ms(feeds, repeats)
+    rows = {name: {"step_ms": step_ms[name], "feed_ms": feed_ms[name]} for name in steps}
     if jax.process_index() == 0:
         with open(path, "w") as f:
             json.dump(rows, f)
