@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
-import time
 
 from jaxsync import ConfigError
 from jaxsync.benchmarks import common
@@ -85,24 +83,20 @@ def _compile(jax, fn, mesh, spec):
 
 
 def _time_point(fns, make_input, repeats, warmup):
-    """Median wall and process-CPU seconds per backend (CPU: all of XLA's threads, the figure that
-    other jobs on a shared machine disturb least); backends interleave so load hits all alike."""
+    """Median wall and process-CPU seconds per backend (:func:`common.interleaved_times`: the
+    backends take turns, so load hits all alike); each call's output is the next one's input."""
     state = {name: make_input() for name in fns}
-    for name, fn in fns.items():
-        for _ in range(1 + warmup):  # the first call compiles
+
+    def feed(name, fn):
+        def call():
             state[name] = fn(state[name])
-            state[name].block_until_ready()
-    wall = {name: [] for name in fns}
-    cpu = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            state[name] = fn(state[name])
-            state[name].block_until_ready()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    median = lambda d: {name: statistics.median(t) for name, t in d.items()}
-    return median(wall), median(cpu)
+            return state[name]
+
+        return call
+
+    calls = {name: feed(name, fn) for name, fn in fns.items()}
+    common.interleaved_times(calls, 1 + warmup)  # the first call compiles
+    return common.interleaved_times(calls, repeats)
 
 
 def _zeros(jax, shape, sharding):

@@ -66,6 +66,25 @@ def time_calls(fn, args, *, warmup: int = 1, repeats: int = 5, feed_back: bool =
     return Timing(statistics.median(wall), statistics.median(cpu), wall, result)
 
 
+def interleaved_times(calls: dict, repeats: int) -> tuple[dict, dict]:
+    """Median wall and process-CPU seconds of every ``calls[name]()`` (blocked until its result is
+    ready) over ``repeats`` rounds in which each name is called once, in turn: a burst of load on
+    the shared cores hits every name alike, so their ratios and differences hold. CPU time counts
+    all of the process's threads, which other jobs on the machine disturb less than wall time."""
+    import jax
+
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(call())
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    median = lambda d: {name: statistics.median(t) for name, t in d.items()}
+    return median(wall), median(cpu)
+
+
 @dataclasses.dataclass(frozen=True)
 class Machine:
     """What a benchmark ran on; printed at the top of every report."""

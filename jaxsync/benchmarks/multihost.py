@@ -7,27 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 
 from jaxsync import ConfigError
 from jaxsync.benchmarks import common
 
 
 def interleaved_ms(fns: dict, repeats: int) -> dict:
-    """Median wall milliseconds of each ``fns[name]()`` (blocked until its result is ready) over
-    ``repeats`` rounds, every name timed once per round in turn, so that a burst of load on the
-    shared cores hits every name alike rather than one (the step and the step without sync are
-    subtracted from each other)."""
-    import jax
-
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    """Median wall milliseconds of each ``fns[name]()``, the names taking turns within each of
+    ``repeats`` rounds (:func:`common.interleaved_times`): the step and the step without sync are
+    subtracted from each other, so a burst of load must not land on one of them alone."""
+    return {name: t * 1e3 for name, t in common.interleaved_times(fns, repeats)[0].items()}
 
 
 def parse_layouts(texts, batch_size: int) -> list[tuple[int, int]]:
