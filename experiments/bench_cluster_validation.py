@@ -4,8 +4,9 @@
    CPU device per process), on each network of --links: ``loopback`` (gloo over 127.0.0.1) and
    ``shaped`` (one network namespace per process, each NIC sending at --link_rate:
    ``jaxsync.cluster.netns``; needs root), for XLA's ``psum`` and jaxsync's ``ring``, every
-   message size from --min_bytes to --max_bytes (×--factor): compile, --warmup calls, then the
-   median of --repeats interleaved calls of process 0; with --rounds > 1 every K's job runs again
+   message size from --min_bytes to --max_bytes (×--factor; on shaped links --shaped_min_bytes to
+   --shaped_max_bytes): compile, --warmup calls, then the median of --repeats (--shaped_repeats)
+   interleaved calls of process 0; with --rounds > 1 every K's job runs again
    after the others and the median over rounds is kept. The α–β model of jaxsync.cluster.cost
    (both backends: its ``ring`` pattern; see ``jaxsync.benchmarks.cluster_validation``) is fitted
    on K in --train_processes without the smallest and largest size, and predicts every other
@@ -71,7 +72,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 25, "Timed calls per point (>= 1); th
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls per point after compilation (>= 0).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Times every K's job runs, interleaved (>= 1).")
 _TOLERANCE = flags.DEFINE_float("tolerance", 0.25, "Relative error a held-out point may miss by.")
-_QUICK = flags.DEFINE_bool("quick", False, "Short run: 15 repeats, 3 rounds (about 2 minutes).")
+_QUICK = flags.DEFINE_bool("quick", False, "Short run: 15 repeats, 3 rounds (about 3 minutes).")
 _TIMEOUT = flags.DEFINE_integer("job_timeout", 300, "Seconds before one job is stopped (>= 1).")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results path (empty: print only).")
 _WORKER_OUT = flags.DEFINE_string(

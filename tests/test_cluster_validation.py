@@ -139,7 +139,7 @@ def test_report_tables_from_synthetic_rows():
             "shaped": {
                 "holdout_sizes": [sizes[0], sizes[-1]],
                 "repeats": 3,
-                "rate_bytes_per_s": 1e9,
+                "rate_bytes_per_s": 2e9,
             },
         },
         "tol": 0.25,
@@ -149,8 +149,13 @@ def test_report_tables_from_synthetic_rows():
     text = cluster_validation.report(nets, cfg)
     assert "`psum`: PASS: 8 of 8" in text and "`ring`: PASS: 8 of 8" in text
     assert "**loopback**: not measured here (no reason)." in text
-    assert "each NIC sending at 1000 MB/s" in text
-    # The fit recovers each synthetic link: α, 1/β and 1/β ÷ the NIC rate (1 and 1/1.1).
-    assert "| psum | ring | 200 | 1 | 4 |" in text and "| ring | ring | 220 | 0.909 | 4 |" in text
+    assert "each NIC sending at 2000 MB/s" in text
+    # The fit recovers each synthetic link: α, 1/β, and 1/β ÷ the 2 GB/s NIC rate (last column).
+    fits = [
+        line for line in text.splitlines() if line.startswith(("| psum | ring", "| ring | ring"))
+    ]
+    assert fits[0].startswith("| psum | ring | 200 | 1 | 4 |") and fits[0].endswith("| 0.5 |")
+    assert fits[1].startswith("| ring | ring | 220 | 0.909 | 4 |")
+    assert fits[1].endswith("| 0.455 |")
     assert cluster_validation.summary(rows, cfg, "shaped")["psum"]["verdict"]["ok"]
     assert "goyal2017_resnet50" in text and "horovod2018_inception_v3" in text

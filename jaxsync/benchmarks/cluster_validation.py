@@ -12,12 +12,14 @@ Algorithm::RING``; gloo/allreduce.cc: a ring reduce-scatter + all-gather of S/K 
 into segments of at most 1 MiB, two in flight), so it is modelled by cost.py's ``ring`` too, not
 by cost.py's ``psum`` (NCCL's tuner, min(ring, tree)).
 
-Why jaxsync's ring runs slower than its links allow (on shaped links, K = 2, where the ring is one
-pair exchanging chunks, it takes about twice psum's time from 1 MiB up; see BENCHMARKS.md): XLA:
-CPU's collective-permute over gloo (gloo_communicator.cc) posts an unbound-buffer send and then a
-receive per step, and the measured time is that of the pair's two directions one after the other,
-where gloo's own all-reduce keeps both busy. The α–β model assumes full-duplex links, as NCCL's
-are; the ring's verdict there is about XLA:CPU, the psum one about the model.
+Why jaxsync's ring runs slower than its links allow (on shaped links at K = 2, where the ring is
+one pair exchanging chunks, it takes 1.7-1.9× psum's time at 1-4 MiB in the committed run): XLA:
+CPU's collective-permute over gloo (gloo_communicator.cc) posts an unbound-buffer send, then a
+receive, per step, and gloo's tcp transport sends an unbound buffer only once the peer's
+receive-ready notice has arrived (gloo/transport/tcp/pair.cc). The time is *as if* the pair's two
+directions took turns; we have not traced why. gloo's own all-reduce keeps both busy. The α–β
+model assumes full-duplex links, as NCCL's are; the ring's verdict there is about XLA:CPU's
+transport, the psum one about the model.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ INTRO = (
     "**Caveat:** over loopback, 3 and 4 processes oversubscribe the 2 cores and the time is the "
     "scheduler's (the loopback verdict is a test of this machine, not of the model); on shaped "
     "links the fitted 1/β is read against the set rate (TCP/IP headers leave at most 0.956 of "
-    "it for payload), and sizes start at 64 KiB, where the link rather than the software "
-    "stack's latency sets the time. There jaxsync's `ring` is slower than its links allow for a "
-    "reason of XLA:CPU's, not the model's: at K = 2, where the ring is one pair exchanging "
-    "chunks, it takes about twice psum's time, as if XLA's collective-permute over gloo sent a "
-    "pair's two directions one after the other."
+    "it for payload), and sizes start by default at 64 KiB, where the link rather than the "
+    "software stack's latency sets the time. There jaxsync's `ring` is slower than its links "
+    "allow for a reason of XLA:CPU's, not the model's: at K = 2, where the ring is one pair "
+    "exchanging chunks, it takes close to twice psum's time from 1 MiB up, as if XLA's "
+    "collective-permute over gloo sent a pair's two directions one after the other."
 )
 
 
