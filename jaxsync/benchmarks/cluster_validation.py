@@ -13,7 +13,8 @@ into segments of at most 1 MiB, two in flight), so it is modelled by cost.py's `
 by cost.py's ``psum`` (NCCL's tuner, min(ring, tree)).
 
 Why jaxsync's ring runs slower than its links allow (on shaped links at K = 2, where the ring is
-one pair exchanging chunks, it takes 1.7-1.9× psum's time at 1-4 MiB in the committed run): XLA:
+one pair exchanging chunks and sends psum's bytes, it took 1.3-1.9× psum's time at 1-4 MiB over
+the runs of 2026-12-07): XLA:
 CPU's collective-permute over gloo (gloo_communicator.cc) posts an unbound-buffer send, then a
 receive, per step, and gloo's tcp transport sends an unbound buffer only once the peer's
 receive-ready notice has arrived (gloo/transport/tcp/pair.cc). The time is *as if* the pair's two
@@ -52,8 +53,8 @@ INTRO = (
     "it for payload), and sizes start by default at 64 KiB, where the link rather than the "
     "software stack's latency sets the time. There jaxsync's `ring` is slower than its links "
     "allow for a reason of XLA:CPU's, not the model's: at K = 2, where the ring is one pair "
-    "exchanging chunks, it takes close to twice psum's time from 1 MiB up, as if XLA's "
-    "collective-permute over gloo sent a pair's two directions one after the other."
+    "exchanging chunks and sends the same bytes as psum, it is slower than psum from 256 KiB up, "
+    "as if XLA's collective-permute over gloo sent a pair's two directions one after the other."
 )
 
 
