@@ -176,13 +176,9 @@ def _job(launch, cfg, k, tmp, r, link) -> list[dict]:
         f"--repeats={cfg['links'][link]['repeats']}",
         f"--warmup={cfg['warmup']}",
     ]
-    with contextlib.ExitStack() as stack:
-        where = {}
-        if link == "shaped":
-            net = stack.enter_context(
-                netns.shaped_network(k, cfg["links"][link]["rate_bytes_per_s"])
-            )
-            where = {"host": net.addresses[0], "wraps": net.wrap}
+    rate = cfg["links"][link].get("rate_bytes_per_s")
+    with netns.shaped_network(k, rate) if rate else contextlib.nullcontext() as net:
+        where = {"host": net.addresses[0], "wraps": net.wrap} if net else {}
         rc = launch.launch(script, k, 1, timeout_s=_TIMEOUT.value, log_dir=logs, **where)
     if rc != 0:
         log = pathlib.Path(logs, "process_0.log").read_text()[-2000:]

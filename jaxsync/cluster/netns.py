@@ -45,7 +45,6 @@ class Network(NamedTuple):
     addresses: tuple[str, ...]
     wrap: tuple[tuple[str, ...], ...]
     rate: float
-    burst: int
 
 
 def unavailable() -> str | None:
@@ -58,7 +57,7 @@ def unavailable() -> str | None:
     if missing:
         return f"shaped links need iproute2 and procps ({', '.join(missing)} not found)"
     try:
-        with shaped_network(1, 1e6, check=False):
+        with shaped_network(1, 1e6):
             pass
     except ConfigError as e:
         return str(e)
@@ -110,21 +109,18 @@ def _burst(rate: float) -> int:
 
 
 @contextlib.contextmanager
-def shaped_network(k: int, rate: float, check: bool = True):
+def shaped_network(k: int, rate: float):
     """Build K hosts whose NICs send at ``rate`` bytes/s, yield their :class:`Network`, and
     remove every namespace, link and hosts file on exit (also after an error; after SIGKILL,
     the next network's :func:`remove_stale` does). Names carry this process's id, so runs beside
-    each other do not collide; ``check``: first say in one line why it cannot be built here."""
-    reason = unavailable() if check else None
-    if reason:
-        raise ConfigError(reason)
+    each other do not collide. A step that fails here is one ConfigError line naming the command
+    and its error; call :func:`unavailable` first for a reason before anything is measured."""
     if not 1 <= k <= 250 or not 1 <= rate < 2**40:
         raise ConfigError("shaped network: need 1 <= K <= 250 hosts and 1 <= rate < 2^40 B/s")
     remove_stale()
     tag = f"js{os.getpid()}"
     hub, names = f"{tag}h", tuple(f"{tag}n{i}" for i in range(k))
     addresses = tuple(f"{SUBNET}.{i + 1}" for i in range(k))
-    burst = _burst(rate)
     made = []
     try:
         _run("ip", "netns", "add", hub)
@@ -145,14 +141,15 @@ def shaped_network(k: int, rate: float, check: bool = True):
             # estimates made the same job's time vary by a fifth between jobs in trial runs; and
             # no restart from a small window after an idle wait longer than the RTO (RFC 2861).
             _run("ip", "netns", "exec", name, "sysctl", "-qw", *SYSCTLS)
+            tbf = ("rate", f"{int(rate)}bps", "burst", str(_burst(rate)), "latency", "200ms")
             _run("ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-                 "rate", f"{int(rate)}bps", "burst", str(burst), "latency", "200ms")  # fmt: skip
+                 *tbf)  # fmt: skip
             (ETC_NETNS / name).mkdir(parents=True, exist_ok=True)
             (ETC_NETNS / name / "hosts").write_text(
                 f"127.0.0.1 localhost\n{addr} {socket.gethostname()}\n"
             )
         wrap = tuple(("ip", "netns", "exec", name) for name in names)
-        yield Network(names, addresses, wrap, float(rate), burst)
+        yield Network(names, addresses, wrap, float(rate))
     finally:
         for name in reversed(made):  # deleting a namespace deletes its ends of the veths
             _remove(name)
