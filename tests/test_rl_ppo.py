@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxsync import ConfigError, sync
-from jaxsync.agents.rl import envs, parallel, ppo
+from jaxsync.agents.rl import envs, networks, parallel, ppo
+from jaxsync.mesh import make_mesh
 from jaxsync.replicas import ReplicaDivergence
 
 
@@ -141,6 +143,26 @@ def test_minibatches_do_not_depend_on_device_split():
     assert sorted(whole.ravel()) == sorted(np.asarray(x).ravel())  # every sample once per epoch
 
 
+def test_sampling_shortcuts_draw_what_jax_random_draws():
+    # ppo.permutation: the indices of jax.random.permutation (the sort-free path up to 512, and
+    # the fallback above it); stable_order: a stable argsort, ties included.
+    for n in (1, 2, 7, 128, 512, 513):
+        for seed in range(3):
+            key = jax.random.PRNGKey(seed)
+            np.testing.assert_array_equal(
+                ppo.permutation(key, n), jax.random.permutation(key, n), err_msg=f"n={n}"
+            )
+    keys = np.random.default_rng(0).integers(0, 5, 64).astype(np.uint32)
+    np.testing.assert_array_equal(ppo.stable_order(keys), np.argsort(keys, kind="stable"))
+    # The rollout's actions: argmax(logits + Gumbel noise) is jax.random.categorical's draw.
+    logits = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+    key = jax.random.PRNGKey(2)
+    np.testing.assert_array_equal(
+        jnp.argmax(logits + jax.random.gumbel(key, logits.shape), -1),
+        jax.random.categorical(key, logits),
+    )
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="divisible"):
         ppo.make_train(ppo.PPOConfig(num_steps=10, num_minibatches=4))
@@ -148,9 +170,25 @@ def test_config_errors():
         ppo.make_train(ppo.PPOConfig(num_devices=2))
     with pytest.raises(ConfigError, match="below one update"):
         ppo.make_train(ppo.PPOConfig(total_steps=100))
-    eight = ppo.PPOConfig(num_devices=8, num_envs=1, num_steps=64, strategy="psum")
-    with pytest.raises(ConfigError, match="vmapped seeds on 8 CPU devices hang"):
-        ppo.make_train(eight, vmap_seeds=True)  # an error, not the hang (built, never run)
+
+
+def test_orthogonal_init_is_jaxs_and_runs_vmapped_on_8_devices():
+    # networks.orthogonal: jax's orthogonal matrices, without LAPACK's QR, whose CPU kernels
+    # hung PPO's program under vmapped seeds (5 on one device, 2 on 8; jax 0.10.2).
+    for shape in ((4, 64), (64, 64), (64, 2), (2, 64)):
+        key = jax.random.PRNGKey(sum(shape))
+        np.testing.assert_allclose(
+            networks.orthogonal(1.5)(key, shape),
+            jax.nn.initializers.orthogonal(1.5)(key, shape),
+            atol=1e-5,
+        )
+    net = networks.ActorCritic(2)
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    init = jax.vmap(lambda k: net.init(k, jnp.zeros(4))["params"])
+    spread = jax.shard_map(init, mesh=make_mesh(8, ("d",)), in_specs=P(), out_specs=P())
+    got, want = jax.device_get((jax.jit(spread)(keys), jax.jit(init)(keys)))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(g, w)
 
 
 # Small enough to compile and run in seconds; learning rate raised so a few thousand steps learn.

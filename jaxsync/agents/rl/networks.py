@@ -3,18 +3,54 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
+
+
+def _gram_schmidt(a: jax.Array) -> jax.Array:
+    """Q of the reduced QR of a tall matrix with R's diagonal positive (the unique one), by
+    classical Gram–Schmidt with one re-orthogonalisation ("twice is enough", Giraud et al. 2005),
+    so orthogonal to working precision."""
+    m, n = a.shape
+
+    def column(j, q):
+        v = a[:, j]
+        mask = jnp.arange(n) < j
+        for _ in range(2):
+            v = v - q @ jnp.where(mask, q.T @ v, 0.0)
+        return q.at[:, j].set(v / jnp.linalg.norm(v))
+
+    return lax.fori_loop(0, n, column, jnp.zeros_like(a))
+
+
+def orthogonal(scale: float = 1.0):
+    """``jax.nn.initializers.orthogonal(scale)`` for 2-D kernels: the same normal draw and the
+    same Q (R's diagonal made positive), computed without LAPACK's QR.
+
+    Why: under ``vmap`` over seeds JAX's CPU QR kernels split their batch over XLA's intra-op
+    thread pool and wait for it from inside that pool; when two run at once (the actor's and
+    critic's layers, or several emulated devices) every pool thread waits and the program hangs
+    with all threads idle (jax 0.10.2: PPO with 5+ vmapped seeds on one CPU device, or 2 seeds on
+    8). Gram–Schmidt is plain XLA arithmetic.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        n_rows, n_cols = shape
+        tall = (n_cols, n_rows) if n_rows < n_cols else (n_rows, n_cols)
+        q = _gram_schmidt(jax.random.normal(key, tall, dtype))
+        return scale * (q.T if n_rows < n_cols else q)
+
+    return init
 
 
 def _dense(features: int, scale: float) -> nn.Dense:
     # Orthogonal init with per-layer gains (Engstrom et al. 2020, "Implementation Matters"):
     # √2 for hidden layers, 0.01 for the policy head (near-uniform first policy), 1 for values.
-    return nn.Dense(
-        features, kernel_init=nn.initializers.orthogonal(scale), bias_init=nn.initializers.zeros
-    )
+    return nn.Dense(features, kernel_init=orthogonal(scale), bias_init=nn.initializers.zeros)
 
 
 class ActorCritic(nn.Module):

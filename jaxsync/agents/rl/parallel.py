@@ -113,23 +113,6 @@ def after(first, then):
     return then
 
 
-# Seeds vmapped inside shard_map on emulated CPU devices: with jax 0.10.2, PPO with 2 seeds ran on
-# 2 and 4 devices and hung on 8 (all threads idle, no rendezvous warning, killed after 120 s).
-MAX_CPU_DEVICES_FOR_VMAPPED_SEEDS = 4
-
-
-def check_vmapped_seeds(strategy: str, num_devices: int) -> None:
-    """ConfigError instead of the hang above: on CPU, vmapped seeds need at most
-    :data:`MAX_CPU_DEVICES_FOR_VMAPPED_SEEDS` devices (the runner and the RL benchmark run seeds
-    one after another on several devices, so they never reach it)."""
-    cpu = jax.default_backend() == "cpu"
-    if strategy != "single" and cpu and num_devices > MAX_CPU_DEVICES_FOR_VMAPPED_SEEDS:
-        raise ConfigError(
-            f"vmapped seeds on {num_devices} CPU devices hang XLA's CPU runtime (jax 0.10.2; "
-            f"at most {MAX_CPU_DEVICES_FOR_VMAPPED_SEEDS} ran): run the seeds one after another"
-        )
-
-
 def run_data_parallel(
     device_train: Callable,
     strategy: str,
@@ -148,8 +131,6 @@ def run_data_parallel(
     on emulated CPU devices with jax 0.10.2 (no rendezvous warning, all threads idle).
     """
     check_strategy(strategy, num_devices)
-    if vmap_seeds:
-        check_vmapped_seeds(strategy, num_devices)
     fn = jax.vmap(device_train) if vmap_seeds else device_train
     if strategy == "single":
         return fn
@@ -189,8 +170,6 @@ def run_chunked(
     the whole run, so chunk boundaries change only where the host reads the state.
     ``replicated(state)`` picks the parts of a state that every device must hold identically."""
     check_strategy(strategy, num_devices)
-    if vmap_seeds:
-        check_vmapped_seeds(strategy, num_devices)
 
     def run_local(state, start, n):
         one = lambda s: device_run(s, start, n)
