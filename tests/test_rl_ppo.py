@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxsync import ConfigError, sync
-from jaxsync.agents.rl import envs, networks, parallel, ppo
+from jaxsync.agents.rl import envs, networks, parallel, ppo, shuffle
 from jaxsync.mesh import make_mesh
 from jaxsync.replicas import ReplicaDivergence
 
@@ -144,16 +144,16 @@ def test_minibatches_do_not_depend_on_device_split():
 
 
 def test_sampling_shortcuts_draw_what_jax_random_draws():
-    # ppo.permutation: the indices of jax.random.permutation (the sort-free path up to 512, and
+    # shuffle.permutation: the indices of jax.random.permutation (the sort-free path up to 512, and
     # the fallback above it); stable_order: a stable argsort, ties included.
     for n in (1, 2, 7, 128, 512, 513):
         for seed in range(3):
             key = jax.random.PRNGKey(seed)
             np.testing.assert_array_equal(
-                ppo.permutation(key, n), jax.random.permutation(key, n), err_msg=f"n={n}"
+                shuffle.permutation(key, n), jax.random.permutation(key, n), err_msg=f"n={n}"
             )
     keys = np.random.default_rng(0).integers(0, 5, 64).astype(np.uint32)
-    np.testing.assert_array_equal(ppo.stable_order(keys), np.argsort(keys, kind="stable"))
+    np.testing.assert_array_equal(shuffle.stable_order(keys), np.argsort(keys, kind="stable"))
     # The rollout's actions: argmax(logits + Gumbel noise) is jax.random.categorical's draw.
     logits = jax.random.normal(jax.random.PRNGKey(1), (16, 3))
     key = jax.random.PRNGKey(2)
