@@ -91,9 +91,9 @@ def compile_train(agent: str, cfg, seeds: int, seed: int = 0):
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     keys = jax.random.split(jax.random.PRNGKey(seed), seeds)
-    # Seeds are vmapped on one device. Under shard_map on 8 emulated CPU devices the vmapped
-    # program hung in XLA's CPU runtime (jax 0.10.2: all threads idle, no rendezvous waiting;
-    # 2 devices were fine), so there the compiled single-seed program runs once per seed.
+    # Seeds are vmapped on one device; on several the compiled single-seed program runs once per
+    # seed, as train_rl.py does (vmapped seeds there once hung, from LAPACK's QR in the
+    # initialiser: see networks.orthogonal).
     vmapped = cfg.strategy == "single"
     make_train = {"ppo": ppo.make_train, "dqn": dqn.make_train}[agent]
     train = jax.jit(make_train(cfg, vmap_seeds=vmapped))

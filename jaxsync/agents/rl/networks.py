@@ -39,10 +39,12 @@ def orthogonal(scale: float = 1.0):
     """
 
     def init(key, shape, dtype=jnp.float32):
+        if len(shape) != 2:
+            raise ValueError(f"orthogonal: 2-D kernels only, got shape {tuple(shape)}")
         n_rows, n_cols = shape
         tall = (n_cols, n_rows) if n_rows < n_cols else (n_rows, n_cols)
         q = _gram_schmidt(jax.random.normal(key, tall, dtype))
-        return scale * (q.T if n_rows < n_cols else q)
+        return jnp.asarray(scale, dtype) * (q.T if n_rows < n_cols else q)
 
     return init
 

@@ -109,9 +109,9 @@ def _chunked(agent: str, agent_cfg, vmapped: bool):
 
 
 class Seeds:
-    """All seeds' states: one vmapped state (one device) or one state per seed (several devices:
-    vmap inside shard_map hung on emulated CPU devices, jax 0.10.2: all threads idle, no
-    rendezvous waiting; 2 devices were fine)."""
+    """All seeds' states: one vmapped state (one device) or one state per seed (several devices,
+    where the seeds of a data-parallel run run one after another; vmapped seeds on several
+    devices once hung, from LAPACK's QR in the initialiser, see ``networks.orthogonal``)."""
 
     def __init__(self, agent: str, agent_cfg, seeds: int, seed: int):
         if seeds < 1:
