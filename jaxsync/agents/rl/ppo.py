@@ -229,7 +229,7 @@ def rollout_noise(ctx: parallel.AgentContext, rng):
     device with all N·E envs draws).
 
     A few calls per update rather than a few per env step: on CPU, JAX lowers each threefry call
-    to a loop, and drawing up front took PPO's rollout from about 0.8 to 0.6 ms per update (#19).
+    to a loop (the gain is in ``scripts/vs_purejaxrl.py``'s before/after, #19).
     """
     cfg = ctx.cfg
     k_act, k_env = jax.random.split(rng)

@@ -16,8 +16,8 @@ def permutation(key, n: int) -> jax.Array:
 
     JAX shuffles by one stable sort of ``random.bits(split(key)[1], (n,))`` when n is small. The
     stable sort places element i at rank(i) = #{j : b_j < b_i or (b_j = b_i and j < i)}, which
-    n² comparisons compute, and the permutation is the scatter of i to rank(i). On CPU this takes
-    a third of the time of XLA's sort at n = 128 (PPO's minibatch shuffle; #19).
+    n² comparisons compute, and the permutation is the scatter of i to rank(i). On CPU this is
+    cheaper than XLA's sort at PPO's n = 128 (its minibatch shuffle; #19).
     ``tests/test_rl_ppo.py`` checks the indices against ``jax.random.permutation``.
     """
     if n > _RANK_PERMUTATION_MAX:
